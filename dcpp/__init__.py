@@ -1,0 +1,2 @@
+"""dcpp: dynamic chunked pipeline-parallel prefill."""
+__version__ = "0.1.0"
