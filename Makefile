@@ -38,7 +38,7 @@ $(ASCEND_STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(PY) -m dcpp.cli demo
+	$(PY) -m dcpp.demo_reference
 
 test: $(STAMP) $(ASCEND_STAMP)
 	$(PY) -m pytest -q tests
