@@ -12,20 +12,10 @@ import torch
 
 from dcpp.reference.model import ModelConfig, forward, init_params
 from dcpp.reference.pipeline import init_caches, prefill, split_layers
+from dcpp.timeline import bars_from_stage_times, draw_timeline
 
 DEMO_CONFIG = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=4,
                           num_heads=4, num_kv_heads=2, head_dim=32)
-
-
-def makespan(stage_times: list[list[float]]) -> float:
-    """Flow-shop completion time of chunks [chunk][stage] run in order through the stages."""
-    done = [0.0] * len(stage_times[0])  # finish time of the previous chunk on each stage
-    for times in stage_times:
-        ready = 0.0
-        for s, t in enumerate(times):
-            ready = max(ready, done[s]) + t
-            done[s] = ready
-    return done[-1]
 
 
 def run_plan(name, params, config, tokens, plan, num_stages, block_size, expected):
@@ -42,11 +32,12 @@ def run_plan(name, params, config, tokens, plan, num_stages, block_size, expecte
         cols = "  ".join(f"{t * 1e3:9.1f}" for t in times)
         print(f"  {i:5d}  {chunk:6d}  {history:7d}  {cols}")
         history += chunk
-    span = makespan(result.stage_times)
+    bars = bars_from_stage_times(result.stage_times)
+    span = max(b.end for b in bars)
     busy = sum(map(sum, result.stage_times))
     print(f"  pipelined makespan {span * 1e3:.1f} ms, bubble fraction "
           f"{1 - busy / (num_stages * span):.3f}, max |logits - monolithic| = {err:.2e}")
-    return span, err
+    return bars, err
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--pp", type=int, default=2)
     ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--out", default="out/demo_reference_timeline",
+                    help="timeline picture path; .png and .svg are written")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     params = init_params(DEMO_CONFIG, seed=0)
@@ -68,11 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     dynamic.append(n - sum(dynamic))
     print(f"tiny Llama {DEMO_CONFIG.num_layers} layers, hidden {DEMO_CONFIG.hidden_size}, "
           f"prompt {n} tokens, PP={args.pp}")
-    s_span, s_err = run_plan("static", params, DEMO_CONFIG, tokens, static, args.pp,
+    s_bars, s_err = run_plan("static", params, DEMO_CONFIG, tokens, static, args.pp,
                              args.block_size, expected)
-    d_span, d_err = run_plan("decreasing", params, DEMO_CONFIG, tokens, dynamic, args.pp,
+    d_bars, d_err = run_plan("decreasing", params, DEMO_CONFIG, tokens, dynamic, args.pp,
                              args.block_size, expected)
-    print(f"\nmakespan decreasing/static = {d_span / s_span:.3f}; parity "
+    s_span, d_span = max(b.end for b in s_bars), max(b.end for b in d_bars)
+    paths = draw_timeline({"static": s_bars, "decreasing": d_bars}, args.out,
+                          title=f"reference pipeline, PP={args.pp}, {n}-token prompt (measured)")
+    print(f"\ntimeline written to {', '.join(map(str, paths))}")
+    print(f"makespan decreasing/static = {d_span / s_span:.3f}; parity "
           f"{'OK' if max(s_err, d_err) < 1e-4 else 'FAILED'} (max err {max(s_err, d_err):.1e})")
     return 0 if max(s_err, d_err) < 1e-4 else 1
 

@@ -1,0 +1,95 @@
+"""Pipeline timeline pictures: stage x time, one bar per chunk, bubbles visible as gaps.
+
+Input is engine-agnostic: for each named plan, a list of ``Bar(stage, chunk, start, end)`` in
+seconds, from the simulator (``dcpp.chunker.simulate``) or from a measured run. Panels share the
+time axis so static and dynamic plans compare at a glance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One chunk's compute interval on one pipeline stage."""
+
+    stage: int
+    chunk: int
+    start: float
+    """Seconds from the start of the prefill."""
+    end: float
+    """Seconds from the start of the prefill."""
+
+
+def check_bars(name: str, bars: Sequence[Bar]) -> None:
+    if not bars:
+        raise ValueError(f"timeline {name!r} has no bars; expected at least one chunk")
+    for b in bars:
+        if b.stage < 0 or b.chunk < 0 or not (b.end >= b.start >= 0):
+            raise ValueError(f"timeline {name!r}: bad bar {b}; expected stage, chunk >= 0 and "
+                             "0 <= start <= end")
+
+
+def draw_timeline(timelines: Mapping[str, Sequence[Bar]], out: str | Path, *,
+                  title: str = "Pipeline timeline", unit: str = "ms") -> list[Path]:
+    """Draw one panel per plan and write ``out`` with suffixes .png and .svg; return both paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not timelines:
+        raise ValueError("timelines is empty; pass at least one {name: bars} entry")
+    for name, bars in timelines.items():
+        check_bars(name, bars)
+    scale = {"s": 1.0, "ms": 1e3}[unit]
+    num_stages = max(b.stage for bars in timelines.values() for b in bars) + 1
+    horizon = max(b.end for bars in timelines.values() for b in bars) * scale
+    cmap = plt.get_cmap("tab20")
+    fig, axes = plt.subplots(len(timelines), 1, sharex=True, squeeze=False,
+                             figsize=(10, 1.0 + 0.6 * num_stages * len(timelines)))
+    for ax, (name, bars) in zip(axes[:, 0], timelines.items()):
+        span = max(b.end for b in bars)
+        busy = sum(b.end - b.start for b in bars)
+        bubble = 1 - busy / (num_stages * span) if span > 0 else 0.0
+        for b in bars:
+            (rect,) = ax.barh(b.stage, (b.end - b.start) * scale, left=b.start * scale,
+                              height=0.8, color=cmap(b.chunk % 20), edgecolor="black",
+                              linewidth=0.5)
+            rect.set_gid(f"{name}-stage{b.stage}-chunk{b.chunk}")  # findable in the SVG
+            if (b.end - b.start) * scale > horizon / 40:
+                ax.text((b.start + b.end) / 2 * scale, b.stage, str(b.chunk), ha="center",
+                        va="center", fontsize=7)
+        ax.set_yticks(range(num_stages), [f"stage {s}" for s in range(num_stages)])
+        ax.set_ylim(num_stages - 0.5, -0.5)
+        ax.set_title(f"{name}: TTFT {span * scale:.1f} {unit}, bubbles {bubble:.1%}",
+                     fontsize=9, loc="left")
+        ax.set_xlim(0, horizon * 1.02)
+    axes[-1, 0].set_xlabel(f"time ({unit}); bar label = chunk index")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out.with_suffix(".png"), out.with_suffix(".svg")]
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # keep SVG text as text
+        for p in paths:
+            fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def bars_from_stage_times(stage_times: Sequence[Sequence[float]]) -> list[Bar]:
+    """Bars of chunks run in order through the stages with measured compute times [chunk][stage]:
+    each chunk starts on a stage when both it left the previous stage and the stage is free."""
+    free = [0.0] * len(stage_times[0])
+    bars = []
+    for c, times in enumerate(stage_times):
+        ready = 0.0
+        for s, t in enumerate(times):
+            start = max(ready, free[s])
+            ready = free[s] = start + t
+            bars.append(Bar(s, c, start, ready))
+    return bars

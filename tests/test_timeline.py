@@ -1,0 +1,40 @@
+"""Timeline pictures render valid PNG/SVG files with one bar per (chunk, stage)."""
+
+import re
+
+import matplotlib.image
+import pytest
+
+from dcpp.timeline import Bar, bars_from_stage_times, draw_timeline
+
+
+def test_bars_from_stage_times_is_a_flow_shop():
+    bars = bars_from_stage_times([[1.0, 2.0], [1.0, 2.0], [3.0, 1.0]])
+    by = {(b.chunk, b.stage): (b.start, b.end) for b in bars}
+    assert by[(0, 0)] == (0.0, 1.0) and by[(0, 1)] == (1.0, 3.0)
+    assert by[(1, 0)] == (1.0, 2.0) and by[(1, 1)] == (3.0, 5.0)  # waits for stage 1: a bubble
+    assert by[(2, 0)] == (2.0, 5.0) and by[(2, 1)] == (5.0, 6.0)
+
+
+def test_draw_timeline_png_and_svg(tmp_path):
+    static = bars_from_stage_times([[0.010, 0.011]] * 2 + [[0.020, 0.021]] * 2)
+    dynamic = bars_from_stage_times([[0.014, 0.014]] * 3)
+    png, svg = draw_timeline({"static": static, "dynamic": dynamic}, tmp_path / "t")
+    img = matplotlib.image.imread(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # figsize (10, 1 + 0.6 * stages * panels) inches at 110 dpi
+    assert img.shape[1] == 1100 and img.shape[0] == int(round((1 + 0.6 * 2 * 2) * 110))
+    text = svg.read_text()
+    assert len(re.findall(r'id="static-stage\d-chunk\d"', text)) == 8
+    assert len(re.findall(r'id="dynamic-stage\d-chunk\d"', text)) == 6
+    assert "static: TTFT 82.0 ms" in text and "dynamic: TTFT 56.0 ms" in text
+
+
+@pytest.mark.parametrize("timelines, match", [
+    ({}, "timelines is empty"),
+    ({"x": []}, "has no bars"),
+    ({"x": [Bar(0, 0, 2.0, 1.0)]}, "bad bar"),
+])
+def test_draw_timeline_rejects_bad_input(tmp_path, timelines, match):
+    with pytest.raises(ValueError, match=match):
+        draw_timeline(timelines, tmp_path / "t")
