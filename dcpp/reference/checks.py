@@ -137,7 +137,7 @@ def check_write_kv_inputs(
         raise ValueError(
             f"slot_mapping has {slot_mapping.shape[0]} entries; expected num_tokens={key.shape[0]}"
         )
-    for name, t in (("key_cache", key_cache), ("value_cache", value_cache)):
+    for name, t in (("value", value), ("key_cache", key_cache), ("value_cache", value_cache)):
         if t.dtype != key.dtype:
             raise ValueError(f"{name} dtype {t.dtype} must match key dtype {key.dtype}")
     num_slots = key_cache.shape[0] * key_cache.shape[1]
