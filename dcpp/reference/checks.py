@@ -84,6 +84,8 @@ def check_attention_inputs(
     for i, (q_len, seq_len) in enumerate(zip(query_lens, sl)):
         if q_len < 0:
             raise ValueError(f"query_start_loc must be non-decreasing; sequence {i} has q_len={q_len}")
+        if seq_len < 0:
+            raise ValueError(f"seq_lens[{i}]={seq_len}; expected >= 0 (context_len + query_len)")
         if q_len > seq_len:
             raise ValueError(
                 f"sequence {i}: query_len={q_len} exceeds seq_len={seq_len}; seq_lens counts "
@@ -147,4 +149,10 @@ def check_write_kv_inputs(
             raise ValueError(
                 f"slot_mapping values {lo}..{hi} out of range: expected -1 (skip) or "
                 f"0 <= slot < num_blocks * block_size = {num_slots}"
+            )
+        written = slot_mapping[slot_mapping >= 0]
+        if torch.unique(written).numel() != written.numel():
+            raise ValueError(
+                "slot_mapping writes the same slot twice; expected distinct slots per call "
+                "(use -1 to skip a token)"
             )

@@ -152,3 +152,20 @@ def test_write_kv_bad_input(overrides, match):
     args = write_kv_args() | overrides
     with pytest.raises(ValueError, match=match):
         write_kv(**args)
+
+
+def test_write_kv_rejects_duplicate_slots():
+    k = torch.randn(3, 2, 8)
+    cache = torch.zeros(4, 4, 2, 8)
+    with pytest.raises(ValueError, match="same slot twice"):
+        write_kv(k, k, cache, cache, torch.tensor([5, -1, 5]))
+    write_kv(k, k, cache, cache, torch.tensor([5, -1, -1]))  # repeated -1 is fine
+
+
+def test_attention_rejects_negative_seq_len():
+    q = torch.randn(0, 2, 8)
+    cache = torch.zeros(4, 4, 2, 8)
+    with pytest.raises(ValueError, match=r"seq_lens\[0\]=-1"):
+        chunked_prefill_attention(q, cache, cache, torch.zeros(1, 2, dtype=torch.int32),
+                                  torch.tensor([0, 0], dtype=torch.int32),
+                                  torch.tensor([-1], dtype=torch.int32))

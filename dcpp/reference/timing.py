@@ -1,0 +1,57 @@
+"""Timed prefill passes on the reference model, for profiling without an engine.
+
+``make_timed_forward`` returns a ``timed_forward(num_tokens, history) -> seconds`` callable (the
+profiler's interface): it runs one chunk of ``num_tokens`` new tokens after ``history`` cached
+tokens through every pipeline stage and returns the slowest stage's compute time, since the
+slowest stage sets the pipeline's pace. The history's K/V are random (timing does not depend on
+their values), so no pass over the history is needed.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from dcpp.reference.model import ModelConfig, Params, embed
+from dcpp.reference.pipeline import chunk_metadata, run_stage, split_layers
+
+
+def make_timed_forward(
+    params: Params,
+    config: ModelConfig,
+    *,
+    num_stages: int = 1,
+    partition: Sequence[int] | None = None,
+    block_size: int = 16,
+    max_model_len: int = 8192,
+    seed: int = 0,
+) -> Callable[[int, int], float]:
+    """See the module docstring. Caches are sized for ``max_model_len`` tokens."""
+    stages = split_layers(config.num_layers, num_stages, partition)
+    num_blocks = -(-max_model_len // block_size)
+    g = torch.Generator().manual_seed(seed)
+    shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+    caches = [[(torch.randn(shape, generator=g), torch.randn(shape, generator=g))
+               for _ in layers] for layers in stages]
+    block_ids = torch.randperm(num_blocks, generator=g)
+    dtype = params["model.embed_tokens.weight"].dtype
+
+    def timed_forward(num_tokens: int, history: int) -> float:
+        if num_tokens < 1 or history < 0 or num_tokens + history > max_model_len:
+            raise ValueError(
+                f"num_tokens={num_tokens}, history={history}: need num_tokens >= 1, "
+                f"history >= 0 and num_tokens + history <= max_model_len={max_model_len}"
+            )
+        meta = chunk_metadata(block_ids, history, num_tokens, block_size)
+        tokens = torch.randint(0, config.vocab_size, (num_tokens,), generator=g)
+        x = embed(params, tokens).to(dtype)
+        slowest = 0.0
+        for layers, stage_caches in zip(stages, caches):
+            start = time.perf_counter()
+            x, _ = run_stage(params, config, layers, x, stage_caches, meta)
+            slowest = max(slowest, time.perf_counter() - start)
+        return slowest
+
+    return timed_forward
