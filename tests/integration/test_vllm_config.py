@@ -1,0 +1,119 @@
+"""The plugin's start-up checks on vLLM's real config path (no engine is started).
+
+`EngineArgs.create_engine_config()` runs the same `VllmConfig` construction and platform hook as
+`LLM(...)` and `vllm serve`, in the calling process, before anything is spawned.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_testlib import vllm_available
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(not vllm_available(), reason="needs vllm (pip install dcpp[vllm])"),
+]
+
+SCHED = "dcpp.integration.vllm.scheduler.DcppScheduler"
+EXT = "dcpp.integration.vllm.worker_extension.DcppWorkerExtension"
+
+
+def engine_config(model, **kw):
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = dict(model=str(model), skip_tokenizer_init=True, pipeline_parallel_size=2,
+                enable_chunked_prefill=True, max_num_batched_tokens=512, max_model_len=4096,
+                dtype="float32")
+    args.update(kw)
+    return EngineArgs(**args).create_engine_config()
+
+
+def test_plugin_is_registered():
+    from importlib.metadata import entry_points
+
+    names = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert names.get("dcpp") == "dcpp.integration.vllm.plugin:register"
+
+
+@pytest.mark.parametrize("additional", [None, {}, {"profiling_chunk_config": {"enabled": False}},
+                                        {"other_plugin": {"x": 1}}])
+def test_absent_or_disabled_block_leaves_vllm_alone(tiny_checkpoint, additional):
+    kw = {} if additional is None else {"additional_config": additional}
+    cfg = engine_config(tiny_checkpoint, **kw)
+    plain = engine_config(tiny_checkpoint)
+    assert cfg.scheduler_config.scheduler_cls == plain.scheduler_config.scheduler_cls
+    assert cfg.parallel_config.worker_extension_cls == plain.parallel_config.worker_extension_cls
+    assert cfg.scheduler_config.scheduler_cls != SCHED
+
+
+@pytest.mark.parametrize("additional", [
+    {"profiling_chunk_config": {"enabled": True}},
+    {"scheduler_config": {"profiling_chunk_config": {"enabled": True}}},
+])
+def test_enabled_block_switches_scheduler_and_worker_extension(tiny_checkpoint, additional):
+    cfg = engine_config(tiny_checkpoint, additional_config=additional)
+    assert cfg.scheduler_config.scheduler_cls == SCHED
+    assert cfg.parallel_config.worker_extension_cls == EXT
+
+
+def test_user_named_dcpp_scheduler_is_kept(tiny_checkpoint):
+    cfg = engine_config(tiny_checkpoint, scheduler_cls=SCHED,
+                        additional_config={"profiling_chunk_config": {"enabled": True}})
+    assert cfg.scheduler_config.scheduler_cls == SCHED
+
+
+def test_user_named_other_scheduler_fails_fast(tiny_checkpoint):
+    with pytest.raises(ValueError, match="--scheduler-cls"):
+        engine_config(tiny_checkpoint, scheduler_cls="mypkg.MyScheduler",
+                      additional_config={"profiling_chunk_config": {"enabled": True}})
+
+
+@pytest.mark.parametrize("block, match", [
+    ({"enabled": True, "smooth_factr": 0.5}, "smooth_factor"),
+    ({"enabled": True, "min_chunk": -1}, "min_chunk"),
+    ({"enabled": True, "plan_mode": "fastest"}, "plan_mode"),
+    ("yes", "profiling_chunk_config"),
+])
+def test_bad_config_fails_at_startup_with_message(tiny_checkpoint, block, match):
+    with pytest.raises(ValueError, match=match):
+        engine_config(tiny_checkpoint, additional_config={"profiling_chunk_config": block})
+
+
+def test_pp1_fails_fast(tiny_checkpoint):
+    with pytest.raises(ValueError, match="pipeline-parallel-size"):
+        engine_config(tiny_checkpoint, pipeline_parallel_size=1,
+                      additional_config={"profiling_chunk_config": {"enabled": True}})
+
+
+def test_chunked_prefill_off_fails_fast(tiny_checkpoint):
+    with pytest.raises(ValueError, match="chunked"):
+        engine_config(tiny_checkpoint, enable_chunked_prefill=False, max_num_batched_tokens=4096,
+                      additional_config={"profiling_chunk_config": {"enabled": True}})
+
+
+def test_eager_with_pp_on_cpu_is_rejected_with_fix(tiny_checkpoint):
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        pytest.skip("the eager+PP crash is specific to vLLM's CPU backend")
+    with pytest.raises(ValueError, match="enforce_eager"):
+        engine_config(tiny_checkpoint, enforce_eager=True,
+                      additional_config={"profiling_chunk_config": {"enabled": True}})
+
+
+def test_llm_constructor_fails_fast_on_pp1(tiny_checkpoint):
+    """The user-facing `LLM(...)` raises the message before spawning anything."""
+    import time
+
+    from vllm import LLM
+
+    import vllm_testlib as lib
+
+    before = {p.pid for p in lib.descendants()}
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match="pipeline parallelism"):
+        LLM(model=str(tiny_checkpoint), skip_tokenizer_init=True, pipeline_parallel_size=1,
+            additional_config={"profiling_chunk_config": {"enabled": True}})
+    assert time.monotonic() - t0 < 30
+    assert {p.pid for p in lib.descendants()} <= before
