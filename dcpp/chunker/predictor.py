@@ -1,0 +1,105 @@
+"""`ChunkPredictor`: the scheduler's question "how many tokens of this prompt next?".
+
+The scheduler knows only (history, remaining) of a request. Stateless modes ("equal_time",
+"static") answer with one closed-form rule per call. "pipeline" plans the whole remaining
+prompt once (a few ms for long prompts), caches every boundary of the plan under
+(history, total), and answers later calls by lookup, so the amortised cost per call stays
+well under a millisecond. A call at a history that is not a cached boundary (the scheduler
+ran a smaller chunk, or a prefix-cache hit) re-plans from there. While no latency model is
+available the answer is vLLM's static size.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from dcpp.chunker.latency_model import HistoryLatencyModel
+from dcpp.chunker.planner import (
+    PlanSpec,
+    default_plan,
+    equal_time_target,
+    rule_chunk,
+    static_plan,
+)
+from dcpp.config import ProfilingChunkConfig
+
+MAX_CACHED_BOUNDARIES = 65536
+"""Bound on cached (history, total) -> chunk entries (LRU)."""
+
+
+class ChunkPredictor:
+    """Chunk sizes for one engine (one model, one budget, one pipeline depth)."""
+
+    def __init__(self, config: ProfilingChunkConfig, model: HistoryLatencyModel | None, *,
+                 max_num_batched_tokens: int, page_size: int = 16, max_model_len: int,
+                 num_stages: int) -> None:
+        if not isinstance(config, ProfilingChunkConfig):
+            raise ValueError(f"config must be a ProfilingChunkConfig, got {type(config).__name__}")
+        self.config = config
+        self.spec = PlanSpec(
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=max_model_len,
+            num_stages=num_stages,
+            min_chunk=min(config.min_chunk, max_num_batched_tokens),
+            page_size=page_size,
+            smooth_factor=config.smooth_factor,
+        )
+        self._model: HistoryLatencyModel | None = None
+        self._cache: OrderedDict[tuple[int, int], int] = OrderedDict()
+        self.set_model(model)
+
+    # ----------------------------------------------------------------------------------------
+    @property
+    def model(self) -> HistoryLatencyModel | None:
+        return self._model
+
+    def set_model(self, model: HistoryLatencyModel | None) -> None:
+        """Use ``model`` from now on (e.g. after an online refit); drops cached plans."""
+        if model is not None and not isinstance(model, HistoryLatencyModel):
+            raise ValueError(f"model must be a HistoryLatencyModel or None, got {type(model).__name__}")
+        self._model = model
+        self._cache.clear()
+        self._target = equal_time_target(model, self.spec) if model is not None else None
+
+    @property
+    def is_static(self) -> bool:
+        """True while chunks are vLLM's fixed size (disabled, no model, static mode, sigma=0)."""
+        return (not self.config.enabled or self._model is None
+                or self.config.plan_mode == "static" or self.spec.smooth_factor == 0)
+
+    # ----------------------------------------------------------------------------------------
+    def next_chunk(self, history: int, remaining: int) -> int:
+        """Tokens to schedule for a request with ``history`` computed and ``remaining`` to go."""
+        if remaining < 0 or history < 0:
+            raise ValueError(f"history={history} and remaining={remaining} must be >= 0")
+        if remaining == 0:
+            return 0
+        room = self.spec.max_model_len - history
+        if room <= 0:
+            raise ValueError(
+                f"history={history} leaves no room under max_model_len={self.spec.max_model_len}"
+            )
+        if self.is_static:
+            return min(remaining, self.spec.max_num_batched_tokens, room)
+        if self.config.plan_mode == "equal_time":
+            return rule_chunk(self._model, history, remaining, self._target, self.spec)
+        key = (history, history + remaining)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        total = min(remaining, room)
+        plan = self.plan(total, history)
+        h = history
+        for c in plan:
+            self._cache[(h, history + remaining)] = c
+            h += c
+        while len(self._cache) > MAX_CACHED_BOUNDARIES:
+            self._cache.popitem(last=False)
+        return plan[0]
+
+    def plan(self, prompt_len: int, history: int = 0) -> list[int]:
+        """Whole chunk plan of ``prompt_len`` tokens after ``history`` cached ones."""
+        if self.is_static:
+            return static_plan(prompt_len, self.spec, history)
+        return default_plan(self._model, prompt_len, self.spec, history, mode=self.config.plan_mode)
