@@ -129,7 +129,8 @@ def chunked_prefill_attention_kernel(
     num_programs = tl.num_programs(0)
     offs_m = tl.arange(0, BLOCK_M)  # [BLOCK_M] row = token_in_tile * GROUP_PAD + head_in_group
     token_in_tile = offs_m // GROUP_PAD  # [BLOCK_M]
-    head_in_group = offs_m % GROUP_PAD  # [BLOCK_M]
+    offs_q = tl.arange(0, BLOCK_Q)  # [BLOCK_Q]
+    offs_g = tl.arange(0, GROUP_PAD)  # [GROUP_PAD]
     offs_n = tl.arange(0, BLOCK_N)  # [BLOCK_N]
     offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
     d_mask = offs_d < HEAD_DIM  # [BLOCK_D]
@@ -145,15 +146,20 @@ def chunked_prefill_attention_kernel(
         seq_len = tl.load(seq_lens_ptr + seq)
         context_len = seq_len - query_len
 
-        q_idx = q_tile_start + token_in_tile  # [BLOCK_M] index inside this chunk
-        row_valid = (q_idx < query_len) & (head_in_group < GROUP)  # [BLOCK_M]
-        head = kv_head * GROUP + head_in_group  # [BLOCK_M]
-        q_rows = (q_start + q_idx).to(tl.int64) * stride_qt + head * stride_qh  # [BLOCK_M]
-        io_mask = row_valid[:, None] & d_mask[None, :]  # [BLOCK_M, BLOCK_D]
-        q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=io_mask, other=0.0)
+        # Query tile as [BLOCK_Q, GROUP_PAD, BLOCK_D] (affine in every dim, so it stays a block
+        # copy on Ascend), then reshaped to the packed [BLOCK_M, BLOCK_D] GQA tile.
+        tok = q_tile_start + offs_q  # [BLOCK_Q] index inside this chunk
+        tok_rows = (q_start + tok).to(tl.int64)  # [BLOCK_Q] token row in query/out
+        head = kv_head * GROUP + offs_g  # [GROUP_PAD]
+        io_mask = ((tok < query_len)[:, None, None] & (offs_g < GROUP)[None, :, None]
+                   & d_mask[None, None, :])  # [BLOCK_Q, GROUP_PAD, BLOCK_D]
+        q_offs = (tok_rows[:, None, None] * stride_qt + head[None, :, None] * stride_qh
+                  + offs_d[None, None, :])  # [BLOCK_Q, GROUP_PAD, BLOCK_D]
+        q = tl.load(q_ptr + q_offs, mask=io_mask, other=0.0)
+        q = tl.reshape(q, [BLOCK_M, BLOCK_D])  # row = token * GROUP_PAD + head_in_group
         if COMPUTE_FP32:
             q = q.to(tl.float32)  # [BLOCK_M, BLOCK_D]
-        q_pos = context_len + q_idx  # [BLOCK_M] absolute positions
+        q_pos = context_len + q_tile_start + token_in_tile  # [BLOCK_M] absolute positions
 
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30  # finite: no inf - inf
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -181,9 +187,10 @@ def chunked_prefill_attention_kernel(
             )
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # padded rows only
         out = acc / l_safe[:, None]  # [BLOCK_M, BLOCK_D] fp32
-        o_rows = (q_start + q_idx).to(tl.int64) * stride_ot + head * stride_oh  # [BLOCK_M]
-        tl.store(out_ptr + o_rows[:, None] + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=io_mask)
+        out = tl.reshape(out, [BLOCK_Q, GROUP_PAD, BLOCK_D])
+        o_offs = (tok_rows[:, None, None] * stride_ot + head[None, :, None] * stride_oh
+                  + offs_d[None, None, :])  # [BLOCK_Q, GROUP_PAD, BLOCK_D]
+        tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
 @triton.jit
