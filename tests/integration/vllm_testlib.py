@@ -52,10 +52,20 @@ def alive_descendants() -> list[str]:
 
 
 def descendants() -> list:
+    """Processes this test process started (directly or not), except Python's multiprocessing
+    resource tracker, which lives until this process exits and then ends by itself."""
     try:
-        return psutil.Process().children(recursive=True)
+        procs = psutil.Process().children(recursive=True)
     except psutil.Error:
         return []
+    return [p for p in procs if not _is_resource_tracker(p)]
+
+
+def _is_resource_tracker(p) -> bool:
+    try:
+        return any("resource_tracker" in part for part in p.cmdline())
+    except psutil.Error:
+        return False
 
 
 def reap(procs: list, timeout: float = 20.0) -> list[int]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-logger = logging.getLogger("dcpp.vllm")
+logger = logging.getLogger("vllm.dcpp")  # under "vllm": uses its log handler and level
 
 CONFIG_KEY = "profiling_chunk_config"
 

@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Any, Callable
 
-logger = logging.getLogger("dcpp.vllm")
+logger = logging.getLogger("vllm.dcpp")  # under "vllm": uses its log handler and level
 
 VLLM_VERSIONS_CHECKED = ("0.32.0",)
 

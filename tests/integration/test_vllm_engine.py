@@ -1,0 +1,161 @@
+"""End-to-end: dcpp's scheduler inside a real vLLM engine (CPU, PP=2, tiny random Llama).
+
+One engine for the whole module (start-up costs 45-90 s on CPU). Requests pick their plan with
+`SamplingParams(extra_args={"dcpp_plan": ...})`; "off" is vLLM's own static chunking, so static
+and dynamic runs are compared inside the same engine.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from vllm_testlib import BUDGET, MIN_CHUNK, make_engine, vllm_available
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(not vllm_available(), reason="needs vllm (pip install dcpp[vllm])"),
+]
+
+PROMPT_LEN = 3000
+
+
+def prompt(n: int, seed: int = 1) -> list[int]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 500, (n,), generator=g).tolist()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint, profile_cache_dir):
+    eng = make_engine(
+        tiny_checkpoint,
+        enable_prefix_caching=True,
+        additional_config={"profiling_chunk_config": {
+            "enabled": True, "min_chunk": MIN_CHUNK, "num_profile_samples": 16,
+        }},
+    )
+    yield eng
+    killed = eng.shutdown()
+    assert not killed, f"engine processes had to be killed at shutdown: {killed}"
+
+
+def entry(log, request_id):
+    """vLLM 0.32 appends a random suffix to the user's request id inside the engine."""
+    hits = [v for k, v in log.items() if k == request_id or k.rsplit("-", 1)[0] == request_id]
+    assert len(hits) == 1, (request_id, list(log)[-5:])
+    return hits[0]
+
+
+def generate(eng, prompts, plan=None, max_tokens=8, fresh=True, **kw):
+    """Greedy generation; `fresh` empties the prefix cache first so the prompt is computed."""
+    from vllm import SamplingParams
+
+    if fresh:
+        assert eng.llm.reset_prefix_cache()
+    extra = {"dcpp_plan": plan} if plan else None
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, detokenize=False,
+                            extra_args=extra, **kw)
+    outs = eng.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return outs
+
+
+def test_plugin_switched_scheduler_and_profiled(engine):
+    from dcpp.integration.vllm.scheduler import DcppScheduler
+
+    sched = engine.scheduler
+    assert isinstance(sched, DcppScheduler)
+    rt = sched.dcpp
+    assert rt is not None and rt.model is not None, "profiling fell back to static chunking"
+    assert rt.profile_source == "profiled"
+    assert rt.num_profile_passes > 0
+    # The profile landed in the cache for the next start-up.
+    import os
+
+    assert rt.profile_path and os.path.exists(rt.profile_path)
+
+
+def test_greedy_identical_static_vs_dynamic_and_chunk_plan(engine):
+    rt = engine.scheduler.dcpp
+    p = prompt(PROMPT_LEN, seed=1)
+    static = generate(engine, [p], plan="off")[0]
+    refits = rt.num_refits
+    dynamic = generate(engine, [p])[0]
+    assert list(dynamic.outputs[0].token_ids) == list(static.outputs[0].token_ids)
+
+    static_chunks = entry(rt.chunk_log, static.request_id)
+    assert static_chunks[:-1] == [BUDGET] * (len(static_chunks) - 1)
+    chunks = entry(rt.chunk_log, dynamic.request_id)
+    print("dynamic chunks", chunks, "static", static_chunks)
+    assert sum(chunks) == PROMPT_LEN
+    # The executed sequence is the plan the chunker made at admission...
+    start, planned = entry(rt.plan_log, dynamic.request_id)
+    assert start == 0 and chunks == planned
+    if rt.num_refits == refits:  # ...which is the chunker's plan for this prompt
+        assert chunks == rt.predictors[rt.cfg.plan_mode].plan(PROMPT_LEN, history=0)
+    # ...and chunks shrink as history grows (the last one is the remainder).
+    body = chunks[:-1]
+    assert all(a >= b for a, b in zip(body, body[1:])), chunks
+    assert body[0] > body[-1], chunks
+    assert len(chunks) > len(static_chunks) - 1
+
+
+def test_prompt_logprobs_match_reference(engine, tiny_checkpoint):
+    import torch
+
+    from dcpp.reference.checkpoint import load_checkpoint
+    from dcpp.reference.model import forward
+
+    n = 1500
+    p = prompt(n, seed=2)
+    out = generate(engine, [p], max_tokens=1, prompt_logprobs=0)[0]
+    rt = engine.scheduler.dcpp
+    assert len(entry(rt.chunk_log, out.request_id)) > 1  # really chunked
+    config, params = load_checkpoint(tiny_checkpoint)
+    with torch.no_grad():
+        logits = forward(params, config, torch.tensor(p))  # [T, vocab] fp32
+    ref = torch.log_softmax(logits.double(), dim=-1)
+    got = []
+    want = []
+    for i, lp in enumerate(out.prompt_logprobs[1:], start=1):
+        got.append(lp[p[i]].logprob)
+        want.append(ref[i - 1, p[i]].item())
+    err = max(abs(a - b) for a, b in zip(got, want))
+    assert err < 2e-3, f"max |logprob - reference| = {err}"
+
+
+def test_prefix_cache_hit_starts_at_cached_history(engine):
+    rt = engine.scheduler.dcpp
+    base = prompt(2000, seed=3)
+    first = generate(engine, [base])[0]
+    extended = base + prompt(700, seed=4)
+    second = generate(engine, [extended], fresh=False)[0]
+    start, planned = entry(rt.plan_log, second.request_id)
+    assert start >= 1024, f"expected a prefix-cache hit, plan started at {start}"
+    assert sum(entry(rt.chunk_log, second.request_id)) == len(extended) - start
+    reference = generate(engine, [extended], plan="off")[0]
+    assert list(second.outputs[0].token_ids) == list(reference.outputs[0].token_ids)
+    assert first.outputs[0].token_ids
+
+
+def test_concurrent_long_prompts_and_short_requests_finish(engine):
+    rt = engine.scheduler.dcpp
+    longs = [prompt(2500, seed=5), prompt(2200, seed=6)]
+    shorts = [prompt(20 + i, seed=10 + i) for i in range(4)]
+    outs = generate(engine, longs + shorts, max_tokens=6, ignore_eos=True)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [6] * 6
+    for o, p in zip(outs, longs + shorts):
+        assert o.outputs[0].finish_reason == "length"
+        if len(p) > 1:
+            assert sum(entry(rt.chunk_log, o.request_id)) == len(p)
+    # Nothing left behind in dcpp's per-request state.
+    assert not rt.plans
+
+
+def test_calibration_observes_step_timings(engine):
+    rt = engine.scheduler.dcpp
+    assert rt.cfg.need_timing
+    assert rt.num_observations > 0
+    assert math.isfinite(rt.median_error())
