@@ -23,13 +23,17 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
-from scipy.optimize import nnls
+from scipy.optimize import least_squares, nnls
 
 Batch = Sequence[tuple[int, int]]  # [(chunk_tokens, history_tokens), ...]
 Sample = tuple[Batch, float]  # (batch, seconds)
 
 MAX_MEDIAN_REL_ERROR = 0.15
 """A fit whose median relative residual exceeds this is rejected as poor quality."""
+
+MIN_QUAD_SHARE = 1e-4
+"""The quadratic terms must carry at least this share of the largest sample's time; below it
+latency does not grow with chunk x context and the fit counts as a <= 0."""
 
 MIN_R2 = 0.90
 """A fit explaining less than this share of the timing variance is rejected."""
@@ -44,34 +48,29 @@ class FitError(ValueError):
 
 # ---------------------------------------------------------------------------------------------
 def _robust_nnls(a: np.ndarray, y: np.ndarray, min_keep: int) -> tuple[np.ndarray, np.ndarray]:
-    """Relative-error NNLS of ``a @ theta ~ y`` with one outlier-trimming round.
+    """Relative-error non-negative fit of ``a @ theta ~ y`` that survives outliers.
 
-    a: [n, p] features; y: [n] seconds (> 0). Returns (theta [p], kept mask [n])."""
-    w = 1.0 / y  # relative error weights
-    aw = a * w[:, None]
+    a: [n, p] features; y: [n] seconds (> 0). Returns (theta [p], kept mask [n]).
+    A Cauchy-loss fit (scipy least_squares, bounds >= 0) started from NNLS locates the bulk of
+    the points; points beyond max(5 robust sigmas, 5 %) from it (a stalled pass, a GC pause, a
+    cold cache), at most a quarter, are dropped and the rest refitted by plain NNLS."""
+    aw = a / y[:, None]  # relative error: (a @ theta) / y - 1
     norms = np.linalg.norm(aw, axis=0)
     norms[norms == 0] = 1.0
+    aw = aw / norms
+    ones = np.ones(len(y))
+    x0, _ = nnls(aw, ones)
+    robust = least_squares(lambda x: aw @ x - 1.0, x0, bounds=(0.0, np.inf), loss="cauchy",
+                           f_scale=0.02).x
+    rel = aw @ robust - 1.0
+    scale = 1.4826 * float(np.median(np.abs(rel - np.median(rel))))
+    max_drop = max(0, min(len(y) // 4, len(y) - min_keep))
+    order = np.argsort(-np.abs(rel))
+    drop = [i for i in order[:max_drop] if abs(rel[i]) > max(5.0 * scale, 0.05)]
     keep = np.ones(len(y), dtype=bool)
-    theta = np.zeros(a.shape[1])
-    for _ in range(2):
-        sol, _ = nnls(aw[keep] / norms, np.ones(int(keep.sum())))
-        theta = sol / norms
-        rel = a @ theta / y - 1.0
-        mad = float(np.median(np.abs(rel[keep] - np.median(rel[keep]))))
-        thresh = max(5.0 * 1.4826 * mad, 0.05)
-        bad = np.abs(rel) > thresh
-        max_drop = max(0, min(len(y) // 4, len(y) - min_keep))
-        if not bad.any() or max_drop == 0:
-            break
-        # Drop at most a quarter, the worst first.
-        order = np.argsort(-np.abs(rel))
-        drop = [i for i in order[:max_drop] if bad[i]]
-        new_keep = np.ones(len(y), dtype=bool)
-        new_keep[drop] = False
-        if (new_keep == keep).all():
-            break
-        keep = new_keep
-    return theta, keep
+    keep[drop] = False
+    sol, _ = nnls(aw[keep], ones[keep])
+    return sol / norms, keep
 
 
 def _quality(a: np.ndarray, y: np.ndarray, theta: np.ndarray, keep: np.ndarray) -> tuple[float, float]:
@@ -102,7 +101,7 @@ def _check_times(seconds: np.ndarray) -> None:
     if bad.size:
         i = int(bad[0])
         raise FitError(
-            f"timing #{i} is {seconds[i]!r}: every timing must be a finite number of seconds > 0; "
+            f"timing #{i} is {float(seconds[i])!r}: every timing must be a finite number of seconds > 0; "
             "fix: drop failed or zero measurements"
         )
 
@@ -137,7 +136,8 @@ class QuadraticModel:
         theta, keep = _robust_nnls(a_mat, y, min_keep=4)
         if not np.isfinite(theta).all():
             raise FitError(f"non-finite coefficients {theta.tolist()}")
-        if theta[0] <= 0:
+        share = float(np.max(theta[0] * l * l / (a_mat @ theta)))
+        if theta[0] <= 0 or share < MIN_QUAD_SHARE:
             raise FitError(
                 "degenerate fit: a <= 0 (latency does not grow quadratically with length), so "
                 "equal-time chunks cannot be solved; fix: profile longer prompts"
@@ -226,7 +226,9 @@ class HistoryLatencyModel:
         theta = basis @ theta_f
         if not np.isfinite(theta).all():
             raise FitError(f"non-finite coefficients {theta.tolist()}")
-        if theta[0] + theta[1] <= 0:
+        quad = feats[:, 0] * theta[0] + feats[:, 1] * theta[1]
+        share = float(np.max(quad / np.maximum(feats @ theta, 1e-300)))
+        if theta[0] + theta[1] <= 0 or share < MIN_QUAD_SHARE:
             raise FitError(
                 "degenerate fit: no quadratic term (a <= 0): latency does not grow with chunk size "
                 "x context, so equal-time chunks cannot be solved; fix: profile longer chunks "

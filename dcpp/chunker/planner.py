@@ -9,8 +9,8 @@ model of the whole forward (t) and of one stage (t/P) give the same plans.
 * `pipeline_plan`: the same per-chunk rule with the target time chosen by dcpp: for each chunk
   count K the smallest target giving K chunks (equal-time K chunks), then the K minimising the
   objective (more chunks shrink the fill/drain term, each costs the fixed step cost c).
-* `default_plan`: the best of pipeline, equal-time and static under the model, so never worse
-  than equal-time.
+* `default_plan`: the best of pipeline, equal-time and static (and, for models whose work
+  depends on the chunking, a coarse DP) under the model, so never worse than equal-time.
 * `optimal_plan`: TeraPipe-style DP: for a cap M on chunk time, the least ``sum(s)`` over an
   aligned token grid; the best ``S(M) + (P-1)*max`` over M, found by branch and bound.
 * `lower_bound`: ``min_K sum_K * (1 + (P-1)/K)`` with a relaxation of ``sum_K``.
@@ -25,6 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from dcpp.chunker.latency_model import HistoryLatencyModel
+
+DEFAULT_DP_POINTS = 256
+"""Grid boundaries of the coarse DP candidate in `default_plan`."""
 
 ALIGN_MIN = 64
 """Chunks but the last are multiples of max(page_size, ALIGN_MIN) tokens."""
@@ -260,6 +263,14 @@ def default_plan(model: HistoryLatencyModel | None, prompt_len: int, spec: PlanS
     cands = [pipeline_plan(model, prompt_len, spec, history),
              equal_time_plan(model, prompt_len, spec, history),
              static_plan(prompt_len, spec, history)]
+    if spec.smooth_factor == 1 and not model.is_telescoping:
+        # Equal-time chunks are optimal for a fixed chunk count only when the work telescopes;
+        # otherwise (prefix term delta, beta != 2*alpha) a coarse DP finds the better shape.
+        try:
+            cands.append(optimal_plan(model, prompt_len, spec, history,
+                                      max_points=DEFAULT_DP_POINTS, rel_tol=1e-3))
+        except ValueError:
+            pass  # no plan on the coarse grid fits the limits: the rule's plans remain
     return min(cands, key=lambda pl: (plan_cost(model, pl, spec.num_stages, history), len(pl)))
 
 
@@ -268,6 +279,7 @@ def _dp_grid(prompt_len: int, spec: PlanSpec, grid: int | None, max_points: int)
     a = spec.align
     if grid is None:
         grid = a * max(1, -(-prompt_len // (a * max_points)))
+        grid = min(grid, max(a, spec.cap - spec.cap % a))  # a chunk must fit the budget
     if grid < 1:
         raise ValueError(f"grid={grid} must be >= 1 token")
     return grid

@@ -1,0 +1,147 @@
+"""ProfilingChunkConfig: parsing, validation messages (key, value, fix), engine checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import pytest
+
+from dcpp.config import ProfilingChunkConfig as Cfg
+
+
+def test_defaults_match_vllm_ascend():
+    c = Cfg()
+    assert (c.enabled, c.smooth_factor, c.min_chunk) == (False, 1.0, 4096)
+    assert c.need_timing is False  # forced off while disabled
+    assert Cfg(enabled=True).need_timing is True
+    assert c.plan_mode == "pipeline"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.enabled = True  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("additional", [None, {}, {"other": 1}, {"scheduler_config": {}}])
+def test_absent_block_gives_disabled_default(additional):
+    assert Cfg.from_additional_config(additional) == Cfg()
+
+
+def test_block_top_level_and_nested():
+    block = {"enabled": True, "smooth_factor": 0.5, "min_chunk": 1024, "plan_mode": "equal_time"}
+    top = Cfg.from_additional_config({"profiling_chunk_config": block})
+    nested = Cfg.from_additional_config({"scheduler_config": {"profiling_chunk_config": block}})
+    assert top == nested
+    assert (top.enabled, top.smooth_factor, top.min_chunk, top.plan_mode) == (
+        True, 0.5, 1024, "equal_time")
+    both = {"profiling_chunk_config": block, "scheduler_config": {"profiling_chunk_config": block}}
+    assert Cfg.from_additional_config(both) == top
+
+
+def test_conflicting_blocks_rejected():
+    d = {"profiling_chunk_config": {"enabled": True},
+         "scheduler_config": {"profiling_chunk_config": {"enabled": False}}}
+    with pytest.raises(ValueError, match="both at top level.*fix: keep only one"):
+        Cfg.from_additional_config(d)
+
+
+def test_unknown_key_suggests_closest_and_lists_valid():
+    with pytest.raises(ValueError) as e:
+        Cfg.from_additional_config({"profiling_chunk_config": {"smoth_factor": 0.5}})
+    msg = str(e.value)
+    assert "'smoth_factor'" in msg and "did you mean 'smooth_factor'" in msg
+    for key in ("enabled", "min_chunk", "need_timing", "plan_mode"):
+        assert key in msg
+
+
+def test_unknown_key_without_close_match_lists_valid():
+    with pytest.raises(ValueError, match="unknown key 'zzz'.*valid keys: enabled") as e:
+        Cfg.from_dict({"zzz": 1})
+    assert "did you mean" not in str(e.value)
+
+
+@pytest.mark.parametrize("key,value", [
+    ("enabled", "yes"), ("enabled", 1), ("need_timing", "true"), ("smooth_factor", "0.8"),
+    ("smooth_factor", True), ("min_chunk", 4096.0), ("min_chunk", "4096"), ("min_chunk", True),
+    ("plan_mode", 3), ("profile_cache_dir", 5), ("num_profile_samples", 16.5),
+    ("drift_threshold", "0.1"), ("calibration_window", None),
+])
+def test_wrong_type_names_key_value_and_fix(key, value):
+    with pytest.raises(ValueError) as e:
+        Cfg.from_dict({key: value})
+    msg = str(e.value)
+    assert f"{key}={value!r}" in msg and "wrong type" in msg and f"fix: set {key} to" in msg
+
+
+@pytest.mark.parametrize("key,value", [
+    ("smooth_factor", 1.5), ("smooth_factor", -0.1), ("smooth_factor", float("nan")),
+    ("min_chunk", 0), ("min_chunk", -64), ("plan_mode", "fast"), ("num_profile_samples", 2),
+    ("calibration_window", 1), ("drift_threshold", 0.0), ("profile_cache_dir", ""),
+])
+def test_out_of_range_names_key_value_and_fix(key, value):
+    with pytest.raises(ValueError) as e:
+        Cfg.from_dict({key: value})
+    msg = str(e.value)
+    assert key in msg and "fix: set" in msg
+    assert ("out of range" in msg) or ("wrong type" in msg)  # nan is not a finite number
+
+
+def test_string_value_hint_mentions_quotes():
+    with pytest.raises(ValueError, match="without quotes"):
+        Cfg.from_dict({"smooth_factor": "0.8"})
+
+
+def test_block_and_additional_config_must_be_dicts():
+    with pytest.raises(ValueError, match="profiling_chunk_config must be a dict"):
+        Cfg.from_additional_config({"profiling_chunk_config": [1]})
+    with pytest.raises(ValueError, match="additional_config must be a dict"):
+        Cfg.from_additional_config("enabled")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="scheduler_config'\\] must be a dict"):
+        Cfg.from_additional_config({"scheduler_config": 3})
+
+
+def test_need_timing_forced_off_with_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="dcpp.config"):
+        c = Cfg.from_dict({"enabled": False, "need_timing": True})
+    assert c.need_timing is False
+    assert "need_timing" in caplog.text
+
+
+ENGINE = dict(pipeline_parallel_size=2, enable_chunked_prefill=True, max_num_batched_tokens=8192)
+
+
+def test_check_engine_requires_pp_and_chunked_prefill():
+    c = Cfg(enabled=True)
+    with pytest.raises(ValueError, match="pipeline_parallel_size=1.*fix"):
+        c.check_engine(**{**ENGINE, "pipeline_parallel_size": 1})
+    with pytest.raises(ValueError, match="enable_chunked_prefill=False.*fix"):
+        c.check_engine(**{**ENGINE, "enable_chunked_prefill": False})
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        c.check_engine(**{**ENGINE, "max_num_batched_tokens": 0})
+    assert c.check_engine(**ENGINE) == c
+    # Disabled: dcpp does nothing, so nothing is required.
+    assert Cfg().check_engine(**{**ENGINE, "pipeline_parallel_size": 1}) == Cfg()
+
+
+def test_check_engine_clamps_min_chunk_with_warning(caplog):
+    c = Cfg(enabled=True, min_chunk=4096)
+    with caplog.at_level(logging.WARNING, logger="dcpp.config"):
+        out = c.check_engine(**{**ENGINE, "max_num_batched_tokens": 2048})
+    assert out.min_chunk == 2048 and c.min_chunk == 4096
+    assert "min_chunk=4096" in caplog.text and "clamping" in caplog.text
+
+
+def test_cache_dir_resolution(monkeypatch, tmp_path):
+    monkeypatch.delenv("DCPP_CACHE_DIR", raising=False)
+    assert Cfg().resolved_cache_dir() == Path("~/.cache/dcpp/profiles").expanduser()
+    monkeypatch.setenv("DCPP_CACHE_DIR", str(tmp_path))
+    assert Cfg().resolved_cache_dir() == tmp_path
+    assert Cfg(profile_cache_dir="/x/y").resolved_cache_dir() == Path("/x/y")
+
+
+def test_engine_agnostic_imports():
+    import subprocess
+    import sys
+
+    code = ("import sys, dcpp.config, dcpp.chunker, dcpp.cli; "
+            "bad = [m for m in ('torch', 'vllm') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
