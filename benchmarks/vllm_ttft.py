@@ -1,0 +1,200 @@
+"""TTFT of one long prompt on vLLM (CPU build, PP=2): vLLM's static chunks vs dcpp's default
+("pipeline") plan vs the equal-time plan, inside ONE engine.
+
+Each request picks its plan with `SamplingParams(extra_args={"dcpp_plan": ...})` ("off" is
+vLLM's own static chunking), so all modes share one engine instance and its noise (on shared
+CPUs two identical engines can differ by 20%; DESIGN.md section 3). Runs are interleaved (the
+mode order rotates every round) and we report best and median TTFT per mode, the ratios to
+static, the greedy-output check, the chunk sequences, the latency-prediction error after
+online calibration, and (unless --no-restart) a second start-up that must load the cached
+profile and run zero profiling passes.
+
+    .venv/bin/python benchmarks/vllm_ttft.py                      # 16k prompt, ~4 min on 2 cores
+    .venv/bin/python benchmarks/vllm_ttft.py --prompt-len 24576 --rounds 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# EngineCore in this process, so the benchmark can read dcpp's scheduler state.
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+MODES = ("off", "pipeline", "equal_time")
+LABEL = {"off": "static (vLLM)", "pipeline": "dcpp default", "equal_time": "equal-time"}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="HF checkpoint dir (default: a tiny random Llama in a tmp dir)")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, default=16384)
+    ap.add_argument("--budget", type=int, default=2048, help="max_num_batched_tokens")
+    ap.add_argument("--min-chunk", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=5, help="timed runs per mode")
+    ap.add_argument("--cache-dir", help="profile cache (default: a fresh tmp dir)")
+    ap.add_argument("--no-restart", action="store_true", help="skip the cached-profile restart")
+    ap.add_argument("--json", help="write the results here")
+    return ap.parse_args(argv)
+
+
+def tiny_model(path: str, layers: int, hidden: int, max_len: int) -> str:
+    from dcpp.reference.checkpoint import write_random_llama
+    from dcpp.reference.model import ModelConfig
+
+    heads = max(2, hidden // 32)
+    cfg = ModelConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_layers=layers,
+                      num_heads=heads, num_kv_heads=max(1, heads // 2), head_dim=32,
+                      max_position_embeddings=max_len)
+    write_random_llama(path, config=cfg, seed=0)
+    return path
+
+
+def start(args, model: str):
+    from vllm import LLM
+
+    return LLM(
+        model=model, skip_tokenizer_init=True, pipeline_parallel_size=2,
+        enable_chunked_prefill=True, max_num_batched_tokens=args.budget,
+        max_model_len=args.max_model_len, dtype="float32", enable_prefix_caching=False, seed=0,
+        additional_config={"profiling_chunk_config": {"enabled": True,
+                                                      "min_chunk": args.min_chunk}},
+    )
+
+
+def runtime(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler.dcpp
+
+
+def run(llm, tokens, mode, max_tokens=1):
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, detokenize=False,
+                            ignore_eos=True, extra_args={"dcpp_plan": mode})
+    t0 = time.perf_counter()
+    out = llm.generate([{"prompt_token_ids": tokens}], params, use_tqdm=False)[0]
+    return time.perf_counter() - t0, out
+
+
+def chunks_of(rt, request_id):
+    for k, v in rt.chunk_log.items():
+        if k == request_id or k.rsplit("-", 1)[0] == request_id:
+            return v
+    return []
+
+
+def shutdown(llm):
+    import gc
+
+    llm.llm_engine.engine_core.shutdown()
+    gc.collect()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.max_model_len = args.prompt_len + 64
+    tmp = tempfile.mkdtemp(prefix="dcpp_ttft_")
+    os.environ["DCPP_CACHE_DIR"] = args.cache_dir or os.path.join(tmp, "profiles")
+    model = args.model or tiny_model(os.path.join(tmp, "model"), args.layers, args.hidden,
+                                     args.max_model_len)
+    import torch
+
+    tokens = torch.randint(1, 500, (args.prompt_len,),
+                           generator=torch.Generator().manual_seed(0)).tolist()
+
+    t0 = time.perf_counter()
+    llm = start(args, model)
+    startup_s = time.perf_counter() - t0
+    rt = runtime(llm)
+    if rt is None or rt.model is None:
+        print("dcpp is not active (profiling failed?); see the log above", file=sys.stderr)
+        return 2
+    print(f"start-up {startup_s:.1f} s; profile: {rt.profile_source}, "
+          f"{rt.num_profile_passes} profiling passes; fit {rt.model.to_dict()}")
+
+    # Greedy outputs must match across plans (8 tokens), and this warms every mode up.
+    greedy, chunks = {}, {}
+    for mode in MODES:
+        _, out = run(llm, tokens, mode, max_tokens=8)
+        greedy[mode] = list(out.outputs[0].token_ids)
+        chunks[mode] = list(chunks_of(rt, out.request_id))
+    match = all(greedy[m] == greedy["off"] for m in MODES)
+    # Report the prediction error of the timed rounds only, i.e. after calibration had the
+    # warm-up runs' step timings.
+    rt.errors.clear()
+
+    ttft = {m: [] for m in MODES}
+    for r in range(args.rounds):
+        order = MODES[r % len(MODES):] + MODES[:r % len(MODES)]
+        for mode in order:
+            secs, _ = run(llm, tokens, mode)
+            ttft[mode].append(secs)
+        print(f"round {r + 1}: " + ", ".join(f"{m} {ttft[m][-1]:.3f}s" for m in MODES),
+              flush=True)
+
+    cal = rt.calibrator
+    result = {
+        "prompt_len": args.prompt_len, "budget": args.budget, "min_chunk": args.min_chunk,
+        "layers": args.layers, "hidden": args.hidden, "rounds": args.rounds,
+        "startup_s": startup_s, "profile_source": rt.profile_source,
+        "profile_passes": rt.num_profile_passes,
+        "greedy_match": match, "chunks": chunks,
+        "ttft": ttft,
+        "best": {m: min(v) for m, v in ttft.items()},
+        "median": {m: statistics.median(v) for m, v in ttft.items()},
+        "prediction_error_median": rt.median_error(),
+        "calibrator_error_median": cal.median_error() if cal is not None else None,
+        "num_observations": rt.num_observations, "num_refits": rt.num_refits,
+        "fit": rt.model.to_dict(),
+    }
+    shutdown(llm)
+    del llm
+
+    if not args.no_restart:
+        t0 = time.perf_counter()
+        llm = start(args, model)
+        rt2 = runtime(llm)
+        result["restart"] = {"startup_s": time.perf_counter() - t0,
+                             "profile_source": rt2.profile_source,
+                             "profile_passes": rt2.num_profile_passes}
+        shutdown(llm)
+        del llm
+
+    print()
+    print(f"TTFT, prompt {args.prompt_len} tokens, PP=2 CPU, budget {args.budget}, "
+          f"{args.rounds} interleaved rounds in one engine")
+    print(f"{'mode':<16}{'best s':>9}{'median s':>10}{'best/static':>13}{'median/static':>15}"
+          f"{'chunks':>8}")
+    for m in MODES:
+        b, md = result["best"][m], result["median"][m]
+        print(f"{LABEL[m]:<16}{b:>9.3f}{md:>10.3f}{b / result['best']['off']:>13.3f}"
+              f"{md / result['median']['off']:>15.3f}{len(chunks[m]):>8}")
+    for m in MODES:
+        print(f"chunks {LABEL[m]}: {chunks[m]}")
+    print(f"greedy outputs identical across modes: {match}")
+    print(f"median chunk-latency prediction error (after calibration, {rt.num_observations} "
+          f"steps, {rt.num_refits} refits): {100 * result['prediction_error_median']:.1f}%"
+          + (f" (calibrator's current model: {100 * result['calibrator_error_median']:.1f}%)"
+             if result["calibrator_error_median"] is not None else ""))
+    if "restart" in result:
+        rs = result["restart"]
+        print(f"restart: profile {rs['profile_source']}, {rs['profile_passes']} profiling passes, "
+              f"start-up {rs['startup_s']:.1f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0 if match else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
