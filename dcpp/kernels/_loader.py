@@ -54,8 +54,30 @@ def triton_mode(interpret: bool):
             os.environ["TRITON_INTERPRET"] = old
 
 
+def import_triton(interpret: bool):
+    """Import triton (first time: in the given mode) and return whether its standard library
+    (``tl.max``, ``tl.sum``, ... are themselves ``@triton.jit`` functions) is interpreted.
+
+    Triton fixes that mode at its first import: an interpreted kernel cannot call a compiled
+    ``tl.max``, and code generation fails on an interpreted one. So a process runs kernels in
+    one mode only: the interpreter needs ``TRITON_INTERPRET=1`` before triton is first imported.
+    """
+    if "triton.language" not in sys.modules:
+        with triton_mode(interpret):
+            import triton.language  # noqa: F401
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    return not isinstance(tl.standard.max, JITFunction)
+
+
 def load_kernels(interpret: bool) -> types.ModuleType:
     """Return the kernel module for one mode (cached). Launch inside ``triton_mode(interpret)``."""
+    if interpret and not import_triton(True):
+        raise RuntimeError(
+            "Triton kernels on CPU tensors run under the Triton interpreter, but triton was "
+            "imported in compiled mode earlier in this process; set TRITON_INTERPRET=1 before "
+            "triton is first imported (or use impl='reference')")
     with _lock:
         mod = _modules.get(interpret)
         if mod is not None:

@@ -161,9 +161,9 @@ def chunked_prefill_attention_kernel(
             q = q.to(tl.float32)  # [BLOCK_M, BLOCK_D]
         q_pos = context_len + q_tile_start + token_in_tile  # [BLOCK_M] absolute positions
 
-        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30  # finite: no inf - inf
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: no inf - inf
+        l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+        acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
 
         first_pos = context_len + q_tile_start  # position of the tile's first query token
         last_pos = tl.minimum(first_pos + BLOCK_Q - 1, seq_len - 1)
