@@ -220,7 +220,7 @@ def pipeline_plan(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
         if len(at(lo)) <= k:
             return at(lo)
         for _ in range(60):
-            if hi - lo <= 1e-5 * hi:
+            if hi - lo <= 1e-4 * hi:
                 break
             mid = math.sqrt(lo * hi) if lo > 0 else 0.5 * (lo + hi)
             if len(at(mid)) <= k:
@@ -237,13 +237,18 @@ def pipeline_plan(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
             scores[k] = plan_cost(model, for_k(k), p, history)
         return scores[k]
 
-    # Coarse scan over the chunk count (geometric), then walk from the best while improving.
-    for k in sorted({int(round(x)) for x in np.geomspace(k_min, k_max, 12)}):
-        score(k)
+    # Coarse scan over the target time (one greedy pass each), then the exact smallest target
+    # for the chunk counts around the best one, walking while the objective improves.
+    for m in np.geomspace(m_lo, m_hi, 24).tolist():
+        pl = at(m)
+        if len(pl) not in scores:
+            scores[len(pl)] = plan_cost(model, pl, p, history)
     k0 = min(scores, key=lambda k: (scores[k], k))
+    scores = {}
+    score(k0)
     for step in (1, -1):
         k, worse = k0, 0
-        while k_min <= k + step <= k_max and worse < 3:
+        while k_min <= k + step <= k_max and worse < 2:
             k += step
             worse = worse + 1 if score(k) > score(k - step) else 0
     best_k = min(scores, key=lambda k: (scores[k], k))

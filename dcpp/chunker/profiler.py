@@ -35,15 +35,21 @@ FORMAT_VERSION = 1
 
 
 def sampling_design(num_samples: int, *, max_num_batched_tokens: int, max_model_len: int,
-                    page_size: int = 16) -> list[tuple[int, int]]:
-    """``num_samples`` (chunk, history) points to time, chunk + history <= max_model_len."""
+                    page_size: int = 16, smallest_chunk: int | None = None) -> list[tuple[int, int]]:
+    """``num_samples`` (chunk, history) points to time, chunk + history <= max_model_len.
+
+    Chunk sizes span [smallest_chunk, budget] (default: budget/8, the range plans use; far
+    smaller chunks run in another regime, e.g. score matrices that fit in cache, and would
+    bend the fit where it matters)."""
     if num_samples < 6:
         raise ValueError(f"num_samples={num_samples} must be >= 6 (5 coefficients + 1)")
     b, align = max_num_batched_tokens, max(page_size, 64)
     if b < 1 or max_model_len < 1:
         raise ValueError(f"max_num_batched_tokens={b} and max_model_len={max_model_len} must be >= 1")
     c_max = min(b, max_model_len)
-    c_min = max(min(align, c_max), c_max // 32)
+    if smallest_chunk is None:
+        smallest_chunk = c_max // 8
+    c_min = min(max(align, smallest_chunk), c_max)
     n_c = max(3, math.ceil(math.sqrt(num_samples)))
     n_h = max(2, math.ceil(num_samples / n_c))
     chunks = sorted({max(1, int(round(x / align)) * align) if x >= align else int(round(x))
@@ -141,7 +147,8 @@ class Profile:
 
 def profile(timed_forward: TimedForward, *, max_num_batched_tokens: int, max_model_len: int,
             num_samples: int = 16, page_size: int = 16, cache_key: dict | None = None,
-            warmup: int = 1, scope: str = "model", seed: int = 0) -> Profile:
+            warmup: int = 1, scope: str = "model", seed: int = 0,
+            smallest_chunk: int | None = None) -> Profile:
     """Time ``num_samples`` passes of ``timed_forward`` on the sampling design and fit."""
     if not callable(timed_forward):
         raise ValueError(f"timed_forward must be callable (num_tokens, history) -> seconds")
@@ -150,7 +157,8 @@ def profile(timed_forward: TimedForward, *, max_num_batched_tokens: int, max_mod
     if scope not in ("model", "stage"):
         raise ValueError(f"scope={scope!r} must be 'model' or 'stage'")
     design = sampling_design(num_samples, max_num_batched_tokens=max_num_batched_tokens,
-                             max_model_len=max_model_len, page_size=page_size)
+                             max_model_len=max_model_len, page_size=page_size,
+                             smallest_chunk=smallest_chunk)
     order = np.random.default_rng(seed).permutation(len(design))
     t0 = time.perf_counter()
     for _ in range(warmup):
