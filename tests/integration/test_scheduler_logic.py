@@ -1,0 +1,165 @@
+"""dcpp's scheduler logic (`DcppRuntime`) on fake requests: no engine is started, so these run
+in seconds. The engine-level behaviour is covered by test_vllm_engine.py."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace as NS
+
+import pytest
+
+from vllm_testlib import vllm_available
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(not vllm_available(), reason="needs vllm (pip install dcpp[vllm])"),
+]
+
+BUDGET = 1024
+MAX_LEN = 16384
+
+
+def fake_vllm_config(need_timing=True, min_chunk=64):
+    return NS(
+        scheduler_config=NS(max_num_batched_tokens=BUDGET, enable_chunked_prefill=True),
+        model_config=NS(max_model_len=MAX_LEN, model="fake-model", dtype="float32"),
+        cache_config=NS(block_size=16),
+        parallel_config=NS(pipeline_parallel_size=2, tensor_parallel_size=1,
+                           worker_extension_cls=""),
+        additional_config={"profiling_chunk_config": {
+            "enabled": True, "min_chunk": min_chunk, "need_timing": need_timing}},
+    )
+
+
+def true_time(chunk, history):
+    """A synthetic stage: 2 ms per step, attention grows with history."""
+    return 2e-3 + 2e-6 * chunk + 4e-9 * chunk * history + 2e-9 * chunk * chunk
+
+
+class FakeExecutor:
+    def __init__(self, fn=true_time, fail=False):
+        self.fn, self.fail, self.calls = fn, fail, 0
+
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        self.calls += 1
+        if self.fail:
+            raise RuntimeError("worker died")
+        n, h = args[0], args[1]
+        return [{"pp_rank": r, "tp_rank": 0, "seconds": self.fn(n, h) * (1.0 + 0.1 * r)}
+                for r in range(2)]
+
+
+def runtime(tmp_path, monkeypatch, executor=None, **kw):
+    from dcpp.config import ProfilingChunkConfig
+    from dcpp.integration.vllm.scheduler import DcppRuntime
+
+    monkeypatch.setenv("DCPP_CACHE_DIR", str(tmp_path))
+    vc = fake_vllm_config(**kw)
+    cfg = ProfilingChunkConfig.from_additional_config(vc.additional_config).check_engine(
+        pipeline_parallel_size=2, enable_chunked_prefill=True, max_num_batched_tokens=BUDGET)
+    return DcppRuntime(vc, cfg, executor=executor if executor is not None else FakeExecutor())
+
+
+def req(rid, n, computed=0):
+    return NS(request_id=rid, num_tokens=n, num_prompt_tokens=n, num_computed_tokens=computed,
+              num_tokens_with_spec=n, sampling_params=None)
+
+
+def sched(running=(), budget=BUDGET):
+    return NS(running=list(running), max_num_scheduled_tokens=budget, requests={})
+
+
+def test_profiles_every_stage_takes_slowest_and_caches(tmp_path, monkeypatch):
+    ex = FakeExecutor()
+    rt = runtime(tmp_path, monkeypatch, executor=ex)
+    assert rt.profile_source == "profiled" and rt.num_profile_passes == ex.calls > 0
+    # Stage 1 is 10% slower: the fit follows the slowest stage.
+    assert rt.model.predict_time(512, 4096) == pytest.approx(1.1 * true_time(512, 4096), rel=0.1)
+    ex2 = FakeExecutor()
+    rt2 = runtime(tmp_path, monkeypatch, executor=ex2)
+    assert rt2.profile_source == "cache" and rt2.num_profile_passes == 0 and ex2.calls == 0
+
+
+@pytest.mark.parametrize("executor", [FakeExecutor(fail=True),
+                                      FakeExecutor(fn=lambda n, h: 0.01)])
+def test_failed_or_degenerate_profile_falls_back_to_static(tmp_path, monkeypatch, executor):
+    rt = runtime(tmp_path, monkeypatch, executor=executor)
+    assert rt.model is None
+    rt.begin_step(sched())
+    assert rt.cap(req("a", 5000), 0, BUDGET) == BUDGET  # vLLM's own chunk
+
+
+def test_single_prefill_follows_plan_and_decodes_untouched(tmp_path, monkeypatch):
+    rt = runtime(tmp_path, monkeypatch)
+    r = req("a", 6000)
+    plan = rt.predictors["pipeline"].plan(6000, history=0)
+    done = []
+    while r.num_computed_tokens < r.num_tokens:
+        s = sched([r])
+        rt.begin_step(s)
+        c = rt.cap(r, r.num_computed_tokens, BUDGET)
+        r.num_computed_tokens += c
+        s.requests = {"a": r}
+        rt.end_step(s, NS(num_scheduled_tokens={"a": c}))
+        done.append(c)
+    assert done == plan
+    assert "a" not in rt.plans
+    rt.begin_step(sched([r]))
+    assert rt.cap(req("d", 10, computed=9), 9, 1) == 1
+
+
+def test_several_prefills_share_a_time_budget_and_decodes_are_reserved(tmp_path, monkeypatch):
+    rt = runtime(tmp_path, monkeypatch)
+    decodes = [req(f"d{i}", 100, computed=99) for i in range(8)]
+    rt.begin_step(sched(decodes))
+    assert rt.step.prefill_room == BUDGET - 8
+    c1 = rt.cap(req("a", 8000, computed=4096), 4096, BUDGET)
+    c2 = rt.cap(req("b", 8000), 0, BUDGET)
+    assert c1 > 0
+    assert c1 + c2 <= BUDGET - 8
+    batch = [(c1, 4096)] + ([(c2, 0)] if c2 else [])
+    assert rt.model.predict_batch(batch) <= rt.step.target_s * (1 + 1e-9)
+
+
+def test_plan_off_and_prefix_hit(tmp_path, monkeypatch):
+    rt = runtime(tmp_path, monkeypatch)
+    r = req("a", 6000)
+    r.sampling_params = NS(extra_args={"dcpp_plan": "off"})
+    rt.begin_step(sched())
+    assert rt.cap(r, 0, BUDGET) == BUDGET
+    hit = req("b", 6000, computed=2048)
+    rt.begin_step(sched())
+    c = rt.cap(hit, 2048, BUDGET)
+    assert rt.plan_log["b"][0] == 2048
+    assert c == rt.predictors["pipeline"].plan(6000 - 2048, history=2048)[0]
+
+
+def test_no_timing_no_bookkeeping(tmp_path, monkeypatch):
+    rt = runtime(tmp_path, monkeypatch, need_timing=False)
+    assert rt.calibrator is None
+    r = req("a", 3000)
+    s = sched([r])
+    rt.begin_step(s)
+    c = rt.cap(r, 0, BUDGET)
+    r.num_computed_tokens = c
+    s.requests = {"a": r}
+    out = NS(num_scheduled_tokens={"a": c})
+    rt.end_step(s, out)
+    assert not rt.pending
+    rt.on_output(out, 1.0)
+    assert rt.num_observations == 0
+
+
+def test_calibration_learns_a_slower_engine(tmp_path, monkeypatch):
+    rt = runtime(tmp_path, monkeypatch)
+    slower = lambda c, h: 1.5 * true_time(c, h) + 3e-3  # noqa: E731 - engine overheads
+    t = 0.0
+    rt.last_output_t = t
+    for i in range(64):
+        c, h = 256 + 64 * (i % 8), 512 * (i % 16)
+        batch = [(c, h)]
+        out = NS()
+        rt.pending[id(out)] = (t - 1e-4, batch, True)
+        t += slower(c, h)
+        rt.on_output(out, t)
+    assert rt.num_refits > 0
+    assert rt.calibrator.median_error() < 0.05
