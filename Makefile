@@ -40,12 +40,16 @@ $(ASCEND_STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m dcpp.demo_reference
 
+# Triton fixes interpreted vs compiled mode at first import, so the kernel tests (interpreter)
+# run in their own pytest process, and again in the triton-ascend venv.
 test: $(STAMP) $(ASCEND_STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/kernels
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/kernels
 	$(MAKE) test-ascend
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q tests -m "not vllm and not slow"
+	$(PY) -m pytest -q tests --ignore=tests/kernels -m "not vllm and not slow"
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/kernels
 
 test-ascend: $(ASCEND_STAMP)
 	TRITON_INTERPRET=1 $(ASCEND_PY) -m pytest -q -p no:cacheprovider tests/kernels -m "ascend or kernels" --override-ini addopts=-ra
