@@ -29,8 +29,16 @@ def profile_cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def no_leftover_processes():
-    """No process started by the tests survives the session."""
+    """No process started by the tests survives the session (and the environment variables
+    these tests set do not leak into other test directories)."""
+    keys = ("DCPP_CACHE_DIR", "VLLM_ENABLE_V1_MULTIPROCESSING")
+    saved = {k: os.environ.get(k) for k in keys}
     yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     left = lib.alive_descendants()
     lib.reap(lib.descendants(), timeout=5)
     if left:
