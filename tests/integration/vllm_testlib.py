@@ -13,6 +13,9 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Best of 3 per profiling sample: the tiny model's passes take milliseconds, and one noisy
+# pass on a shared 2-core runner can push the fit under the chunker's R^2 gate.
+os.environ.setdefault("DCPP_PROFILE_REPEATS", "3")
 
 import psutil  # noqa: E402  (a vLLM dependency)
 
