@@ -194,9 +194,15 @@ class HistoryLatencyModel:
 
     @classmethod
     def fit(cls, samples: Sequence[Sample], *, form: str = "full") -> "HistoryLatencyModel":
-        """Fit from ``[(batch, seconds), ...]``, batch = ``[(chunk, history), ...]``."""
+        """Fit from ``[(batch, seconds), ...]``, batch = ``[(chunk, history), ...]``.
+
+        form: "full" (5 free coefficients), "ascend", "causal", or "auto": the form with the
+        smallest leave-one-out median relative error (fewer coefficients win on few or noisy
+        points; the choice and every form's error land in ``fit_info``)."""
+        if form == "auto":
+            return cls._fit_auto(samples)
         if form not in FORMS:
-            raise ValueError(f"form={form!r} is not one of {FORMS}")
+            raise ValueError(f"form={form!r} is not one of {FORMS + ('auto',)}")
         n_params = {"full": 5, "ascend": 3, "causal": 3}[form]
         if len(samples) < n_params + 1:
             raise FitError(
@@ -239,6 +245,35 @@ class HistoryLatencyModel:
         info = {"form": form, "points": len(samples), "outliers": int((~keep).sum()),
                 "median_rel_error": med, "r2": r2}
         return cls(*(float(v) for v in theta), fit_info=info)
+
+    @classmethod
+    def _fit_auto(cls, samples: Sequence[Sample]) -> "HistoryLatencyModel":
+        loo: dict[str, float] = {}
+        fits: dict[str, HistoryLatencyModel] = {}
+        reasons: list[str] = []
+        for f in FORMS:
+            try:
+                fits[f] = cls.fit(samples, form=f)
+            except FitError as e:
+                reasons.append(f"{f}: {e}")
+                continue
+            errs = []
+            for i in range(len(samples)):
+                rest = list(samples[:i]) + list(samples[i + 1:])
+                try:
+                    m = cls.fit(rest, form=f)
+                except FitError:
+                    errs.append(math.inf)
+                    continue
+                batch, secs = samples[i]
+                errs.append(abs(m.predict_batch(batch) / secs - 1.0))
+            loo[f] = float(np.median(errs))
+        if not fits:
+            raise FitError("no model form fits: " + "; ".join(reasons))
+        best = min(fits, key=lambda f: (loo[f], FORMS.index(f)))
+        m = fits[best]
+        info = {**m.fit_info, "selected_by": "leave-one-out", "loo_median_rel_error": loo}
+        return cls(m.alpha, m.beta, m.gamma, m.delta, m.c, fit_info=info)
 
     # --- prediction ------------------------------------------------------------------------
     def predict_time(self, chunk, history):

@@ -147,30 +147,44 @@ class Profile:
 
 def profile(timed_forward: TimedForward, *, max_num_batched_tokens: int, max_model_len: int,
             num_samples: int = 16, page_size: int = 16, cache_key: dict | None = None,
-            warmup: int = 1, scope: str = "model", seed: int = 0,
-            smallest_chunk: int | None = None) -> Profile:
-    """Time ``num_samples`` passes of ``timed_forward`` on the sampling design and fit."""
+            warmup: int = 1, scope: str = "model", seed: int = 0, repeats: int = 1,
+            smallest_chunk: int | None = None, form: str = "auto") -> Profile:
+    """Time ``num_samples`` passes of ``timed_forward`` and fit `HistoryLatencyModel`.
+
+    repeats > 1 spends the passes on ``num_samples // repeats`` design points timed
+    ``repeats`` times each, keeping the fastest: on a shared machine interference only ever
+    adds time, so the minimum estimates the model's own latency (the outlier-trimming fit
+    handles the rest). form: see `HistoryLatencyModel.fit` ("auto" picks the parameterisation
+    by leave-one-out error)."""
     if not callable(timed_forward):
-        raise ValueError(f"timed_forward must be callable (num_tokens, history) -> seconds")
+        raise ValueError("timed_forward must be callable (num_tokens, history) -> seconds")
     if warmup < 0:
         raise ValueError(f"warmup={warmup} must be >= 0")
     if scope not in ("model", "stage"):
         raise ValueError(f"scope={scope!r} must be 'model' or 'stage'")
-    design = sampling_design(num_samples, max_num_batched_tokens=max_num_batched_tokens,
+    if repeats < 1 or num_samples // repeats < 6:
+        raise ValueError(
+            f"repeats={repeats} with num_samples={num_samples} leaves "
+            f"{num_samples // max(repeats, 1)} design points; need >= 6 (5 coefficients + 1)"
+        )
+    design = sampling_design(num_samples // repeats, max_num_batched_tokens=max_num_batched_tokens,
                              max_model_len=max_model_len, page_size=page_size,
                              smallest_chunk=smallest_chunk)
-    order = np.random.default_rng(seed).permutation(len(design))
+    # Shuffled order, replicates spread out: slow drift or a noisy neighbour does not hit all
+    # replicates of one point or masquerade as a trend.
+    order = np.random.default_rng(seed).permutation(np.repeat(np.arange(len(design)), repeats))
     t0 = time.perf_counter()
     for _ in range(warmup):
         timed_forward(design[-1][0], 0)
-    samples = []
-    for i in order:
+    best: dict[int, float] = {}
+    for i in order.tolist():
         c, h = design[i]
         secs = float(timed_forward(int(c), int(h)))
-        samples.append((int(c), int(h), secs))
-    model = HistoryLatencyModel.fit([([(c, h)], s) for c, h, s in samples])
+        best[i] = min(best.get(i, math.inf), secs)
+    samples = [(int(design[i][0]), int(design[i][1]), best[i]) for i in sorted(best)]
+    model = HistoryLatencyModel.fit([([(c, h)], s) for c, h, s in samples], form=form)
     return Profile(model=model, samples=tuple(samples), cache_key=dict(cache_key or {}),
-                   num_passes=len(samples), num_warmup=warmup, scope=scope,
+                   num_passes=len(order), num_warmup=warmup, scope=scope,
                    wall_s=time.perf_counter() - t0)
 
 

@@ -37,8 +37,8 @@ def test_full_fit_recovers_known_coefficients(quad, cross, lin, hist, seed):
     for name, share in (("alpha", quad), ("beta", cross), ("gamma", lin), ("c", fixed)):
         if share >= 0.2:
             assert getattr(fit, name) == pytest.approx(getattr(truth, name), rel=0.2), name
-    # Predictions everywhere in the profiled region within 2 %.
-    test = [(int(c), int(h)) for c, h in zip(rng.integers(512, 16385, 50),
+    # Predictions everywhere in the profiled region (chunks budget/8..budget) within 2 %.
+    test = [(int(c), int(h)) for c, h in zip(rng.integers(2048, 16385, 50),
                                               rng.integers(0, 131072 - 16384, 50))]
     err = [abs(fit.predict_time(c, h) / truth.predict_time(c, h) - 1) for c, h in test]
     assert max(err) < 0.02

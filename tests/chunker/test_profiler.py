@@ -89,3 +89,21 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="not JSON-serialisable"):
         cache_key(model="m", dtype="d", pipeline_parallel_size=2, tensor_parallel_size=1,
                   device="cpu", max_num_batched_tokens=1, extra=object())
+
+
+def test_repeats_keep_the_fastest_of_each_point():
+    # A shared machine: a third of the passes are slowed down by 20-200 % (never sped up).
+    rng = np.random.default_rng(8)
+    calls = []
+
+    def timed(c, h):
+        calls.append((c, h))
+        slow = 1 + rng.uniform(0.2, 2.0) if rng.random() < 0.33 else 1.0
+        return float(LLAMA8B_P4.predict_time(c, h)) * (1 + 0.005 * rng.standard_normal()) * slow
+
+    prof = profile(timed, max_num_batched_tokens=B, max_model_len=L, num_samples=16, repeats=2)
+    assert prof.num_passes == 16 and len(prof.samples) == 8 and len(calls) == 17
+    assert len(set(calls[1:])) == 8  # each design point timed twice
+    assert _median_error(prof.model, LLAMA8B_P4) <= 0.03
+    with pytest.raises(ValueError, match="repeats=3 with num_samples=16 leaves 5"):
+        profile(timed, max_num_batched_tokens=B, max_model_len=L, num_samples=16, repeats=3)
