@@ -84,12 +84,13 @@ def draw_timeline(timelines: Mapping[str, Sequence[Bar]], out: str | Path, *,
 def bars_from_stage_times(stage_times: Sequence[Sequence[float]]) -> list[Bar]:
     """Bars of chunks run in order through the stages with measured compute times [chunk][stage]:
     each chunk starts on a stage when both it left the previous stage and the stage is free."""
-    free = [0.0] * len(stage_times[0])
-    bars = []
-    for c, times in enumerate(stage_times):
-        ready = 0.0
-        for s, t in enumerate(times):
-            start = max(ready, free[s])
-            ready = free[s] = start + t
-            bars.append(Bar(s, c, start, ready))
-    return bars
+    import numpy as np
+
+    from dcpp.chunker.simulate import simulate_times
+
+    return bars_from_sim(simulate_times(np.asarray(stage_times, dtype=float).T))
+
+
+def bars_from_sim(result) -> list[Bar]:
+    """Bars of a ``dcpp.chunker.simulate.SimResult``."""
+    return [Bar(stage, chunk, start, end) for stage, chunk, start, end in result.timeline]
