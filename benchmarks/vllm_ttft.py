@@ -9,8 +9,18 @@ static, the greedy-output check, the chunk sequences, the latency-prediction err
 online calibration, and (unless --no-restart) a second start-up that must load the cached
 profile and run zero profiling passes.
 
-    .venv/bin/python benchmarks/vllm_ttft.py                      # 16k prompt, ~4 min on 2 cores
+    .venv/bin/python benchmarks/vllm_ttft.py                      # ~5 min on 2 cores
     .venv/bin/python benchmarks/vllm_ttft.py --prompt-len 24576 --rounds 7
+
+Default model: 6 layers, hidden 192, a 12288-token prompt, budget 2048 (6 static chunks). On
+this CPU that is where attention to the prefix dominates the later chunks (DESIGN.md section 3:
+t(n, H) ~ 4 + 0.052 n + 2.6e-5 n H + 3.5e-6 n^2 ms per stage) while start-up stays ~1 min; the
+4-layer hidden-128 model is dominated by per-step overhead and shows no gain.
+
+"prediction error" is per step on the slowest stage: |predicted - measured| / measured, where
+measured is the workers' own compute time of that step (each stage timed after its input
+arrived) and predicted comes from the model in use when the step ran. The step interval minus
+that compute is the engine's per-step overhead, learnt online and added to the planner's c.
 """
 
 from __future__ import annotations
@@ -36,9 +46,9 @@ LABEL = {"off": "static (vLLM)", "pipeline": "dcpp default", "equal_time": "equa
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="HF checkpoint dir (default: a tiny random Llama in a tmp dir)")
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--prompt-len", type=int, default=16384)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--hidden", type=int, default=192)
+    ap.add_argument("--prompt-len", type=int, default=12288)
     ap.add_argument("--budget", type=int, default=2048, help="max_num_batched_tokens")
     ap.add_argument("--min-chunk", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=5, help="timed runs per mode")
@@ -93,6 +103,18 @@ def chunks_of(rt, request_id):
     return []
 
 
+def model_ratios(rt, prompt_len, chunks):
+    """Each executed plan's predicted TTFT, and the DP optimum's, relative to static."""
+    from dcpp.chunker.planner import optimal_plan, plan_cost
+
+    spec = rt.predictors["pipeline"].spec
+    static = plan_cost(rt.model, chunks["off"], spec.num_stages)
+    out = {m: plan_cost(rt.model, chunks[m], spec.num_stages) / static for m in MODES}
+    best = optimal_plan(rt.model, prompt_len, spec, max_points=256, rel_tol=1e-3)
+    out["dp_optimum"] = plan_cost(rt.model, best, spec.num_stages) / static
+    return out
+
+
 def shutdown(llm):
     import gc
 
@@ -137,8 +159,9 @@ def main(argv=None) -> int:
     for r in range(args.rounds):
         order = MODES[r % len(MODES):] + MODES[:r % len(MODES)]
         for mode in order:
-            secs, _ = run(llm, tokens, mode)
+            secs, out = run(llm, tokens, mode)
             ttft[mode].append(secs)
+            chunks[mode] = list(chunks_of(rt, out.request_id))  # the last timed round's
         print(f"round {r + 1}: " + ", ".join(f"{m} {ttft[m][-1]:.3f}s" for m in MODES),
               flush=True)
 
@@ -155,7 +178,10 @@ def main(argv=None) -> int:
         "prediction_error_median": rt.median_error(),
         "calibrator_error_median": cal.median_error() if cal is not None else None,
         "num_observations": rt.num_observations, "num_refits": rt.num_refits,
+        "stage_timing": rt.stage_timing, "overhead_s": rt.overhead_s(),
+        "interval_error_median": rt.stats()["median_interval_error"],
         "fit": rt.model.to_dict(),
+        "model_ratios": model_ratios(rt, args.prompt_len, chunks),
     }
     shutdown(llm)
     del llm
@@ -186,6 +212,12 @@ def main(argv=None) -> int:
           f"steps, {rt.num_refits} refits): {100 * result['prediction_error_median']:.1f}%"
           + (f" (calibrator's current model: {100 * result['calibrator_error_median']:.1f}%)"
              if result["calibrator_error_median"] is not None else ""))
+    print(f"per-stage step timing: {rt.stage_timing}; learnt per-step overhead "
+          f"{1e3 * result['overhead_s']:.2f} ms; median step-interval prediction error "
+          f"{100 * result['interval_error_median']:.1f}%")
+    mr = result["model_ratios"]
+    print("under the calibrated model (sum(s) + (P-1)*max(s), s incl. overhead): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in mr.items()) + " of static")
     if "restart" in result:
         rs = result["restart"]
         print(f"restart: profile {rs['profile_source']}, {rs['profile_passes']} profiling passes, "

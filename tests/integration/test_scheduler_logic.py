@@ -35,11 +35,36 @@ def true_time(chunk, history):
     return 2e-3 + 2e-6 * chunk + 4e-9 * chunk * history + 2e-9 * chunk * chunk
 
 
-class FakeExecutor:
-    def __init__(self, fn=true_time, fail=False):
-        self.fn, self.fail, self.calls = fn, fail, 0
+class FakeFuture:
+    def __init__(self, value):
+        self.value = value
 
-    def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+    def done(self):
+        return True
+
+    def result(self):
+        return self.value
+
+
+class FakeExecutor:
+    """Profiling passes (`calls` counts them) and per-stage step timing: `queued` holds the
+    (fingerprint, seconds per rank) records the next drain returns."""
+
+    def __init__(self, fn=true_time, fail=False, step_timing=False):
+        self.fn, self.fail, self.calls = fn, fail, 0
+        self.step_timing, self.queued = step_timing, []
+
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None, non_block=False):
+        name = method if isinstance(method, str) else method.__name__
+        if name.endswith("enable_step_timing"):
+            if not self.step_timing:
+                raise RuntimeError("no step timing in this fake")
+            return [{"pp_rank": r, "ok": True} for r in range(2)]
+        if name.endswith("drain_step_times"):
+            out = [{"pp_rank": r, "times": [(fp, secs[r]) for fp, secs in self.queued]}
+                   for r in range(2)]
+            self.queued = []
+            return FakeFuture(out) if non_block else out
         self.calls += 1
         if self.fail:
             raise RuntimeError("worker died")
@@ -163,3 +188,34 @@ def test_calibration_learns_a_slower_engine(tmp_path, monkeypatch):
         rt.on_output(out, t)
     assert rt.num_refits > 0
     assert rt.calibrator.median_error() < 0.05
+
+
+def test_stage_timing_calibrates_compute_and_learns_overhead(tmp_path, monkeypatch):
+    """Workers' per-stage compute times calibrate the model (slowest stage); the step interval
+    minus that compute is the per-step overhead, which the planning model adds to c."""
+    from dcpp.integration.vllm import vllm_compat
+
+    ex = FakeExecutor(step_timing=True)
+    rt = runtime(tmp_path, monkeypatch, executor=ex)
+    assert rt.stage_timing
+    slower = lambda c, h: 1.3 * true_time(c, h)  # noqa: E731 - the real stage is slower
+    overhead = 4e-3
+    t = 0.0
+    rt.last_output_t = t
+    for i in range(64):
+        c, h = 256 + 64 * (i % 8), 512 * (i % 16)
+        r = req(f"r{i}", h + c + 100)
+        r.num_computed_tokens = h + c
+        s = sched([r])
+        s.requests = {r.request_id: r}
+        out = NS(num_scheduled_tokens={r.request_id: c})
+        rt.end_step(s, out)
+        rt.pending[id(out)] = (t - 1e-4,) + rt.pending[id(out)][1:]
+        ex.queued.append((vllm_compat.step_fingerprint(out),
+                          (0.9 * slower(c, h), slower(c, h))))
+        t += slower(c, h) + overhead
+        rt.on_output(out, t, idle=(i % 8 == 7))
+    assert rt.num_refits > 0
+    assert rt.median_error() < 0.05
+    assert rt.overhead_s() == pytest.approx(overhead, rel=0.05)
+    assert rt.model.c == pytest.approx(rt.compute_model.c + rt.overhead_s())

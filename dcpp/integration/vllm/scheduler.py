@@ -109,12 +109,31 @@ class DcppRuntime:
         self._drift_events = 0
         self.step: _Step | None = None
 
+        # Per-stage step timing (need_timing): workers record their compute time per step;
+        # the scheduler collects the records with non-blocking RPCs (see `_poll_stage_times`).
+        self.executor = executor
+        self.stage_timing = False
+        self.compute_model: Any | None = None
+        """Latency model of the slowest stage's compute (what the workers measure)."""
+        self.overheads: collections.deque[float] = collections.deque(maxlen=64)
+        """Recent (step interval - slowest-stage compute): the engine's per-step overhead."""
+        self.interval_errors: collections.deque[float] = collections.deque(
+            maxlen=int(cfg.calibration_window))
+        self.sent: collections.deque[list] = collections.deque(maxlen=4096)
+        self.drain: tuple[Any, list] | None = None
+
         self._load_or_profile(executor)
         self.calibrator = None
         if cfg.need_timing and self.model is not None:
             self.calibrator = OnlineCalibrator(
                 self.model, window=cfg.calibration_window, drift_threshold=cfg.drift_threshold
             )
+            self.compute_model = self.model
+            self.model_profiled = self.model
+            self.compute_scale = 1.0
+            self.ratios: collections.deque[float] = collections.deque(
+                maxlen=int(cfg.calibration_window))
+            self._enable_stage_timing()
         self._build_predictors()
 
     # ------------------------------------------------------------------ start-up profiling
@@ -378,33 +397,47 @@ class DcppRuntime:
                 self.plans.pop(rid, None)
                 logger.debug("dcpp: request %s prefill chunks %s", rid, log)
         if self.cfg.need_timing and batch:
-            self.pending[id(out)] = (now, batch, has_prefill)
+            entry = [vllm_compat.step_fingerprint(out), batch, has_prefill, None]
+            self.pending[id(out)] = (now, batch, has_prefill, entry)
+            if self.stage_timing:
+                self.sent.append(entry)
             if len(self.pending) > 64:  # outputs that never came back (should not happen)
                 for k in list(self.pending)[:-64]:
                     del self.pending[k]
 
-    def on_output(self, scheduler_output: Any, t_out: float) -> None:
+    def on_output(self, scheduler_output: Any, t_out: float, idle: bool = False) -> None:
         if not self.cfg.need_timing:
             return
         entry = self.pending.pop(id(scheduler_output), None)
         last, self.last_output_t = self.last_output_t, t_out
-        if entry is None or self.model is None:
-            return
-        t_sched, batch, has_prefill = entry
-        # Only steps that queued behind another in the pipeline measure the pace; the first
-        # step of a burst also includes the fill of all stages.
-        if not has_prefill or last is None or last <= t_sched:
-            return
-        elapsed = t_out - last
-        if elapsed <= 0:
-            return
+        if entry is not None and self.model is not None:
+            t_sched, batch, has_prefill = entry[:3]
+            # Only steps that queued behind another in the pipeline measure the pace (the step
+            # interval); the first step of a burst also includes the fill of all stages.
+            if has_prefill and last is not None and last > t_sched and t_out > last:
+                self._observe_interval(batch, t_out - last, entry[3] if len(entry) > 3 else None)
+        if self.stage_timing:
+            self._poll_stage_times(idle)
+
+    def _observe_interval(self, batch: list, elapsed: float, sent: list | None) -> None:
         predicted = float(self.model.predict_batch(batch))
+        if self.stage_timing:
+            # Compute is calibrated on the workers' own timings; the interval only tells the
+            # per-step overhead (kept on the step until its compute time arrives).
+            self.interval_errors.append(abs(predicted - elapsed) / elapsed)
+            if sent is not None:
+                sent[3] = elapsed
+            return
         self.errors.append(abs(predicted - elapsed) / elapsed)
+        self._observe(batch, elapsed)
+
+    def _observe(self, batch: list, seconds: float) -> None:
+        """One step's measured time for the calibrator (interval, or slowest-stage compute)."""
         self.num_observations += 1
         if self.calibrator is not None:
-            self.calibrator.observe(batch, elapsed)
+            self.calibrator.observe(batch, seconds)
             new_model = self.calibrator.model
-            if new_model is not None and new_model is not self.model:
+            if new_model is not None and new_model is not self.compute_model:
                 self.num_refits += 1
                 drift = getattr(self.calibrator, "drift_events", 0)
                 log = logger.info if drift != self._drift_events else logger.debug
@@ -412,10 +445,135 @@ class DcppRuntime:
                 log("dcpp: recalibrated latency model from step timings (refit %d%s): %s",
                     self.num_refits, ", drift detected" if log is logger.info else "",
                     _fit_repr(new_model))
-                self.set_model(new_model)
+                self.compute_model = new_model
+                self.set_model(self._planning_model())
         if self.num_observations % 50 == 0:
-            logger.info("dcpp: median chunk-latency prediction error %.1f%% over last %d steps",
-                        100 * self.median_error(), len(self.errors))
+            logger.info("dcpp: median chunk-latency prediction error %.1f%% over last %d steps"
+                        "%s", 100 * self.median_error(), len(self.errors),
+                        f"; per-step overhead {1e3 * self.overhead_s():.2f} ms"
+                        if self.stage_timing else "")
+
+    # ------------------------------------------------------------------ per-stage timing
+
+    def _rpc(self, name: str) -> Any:
+        from dcpp.integration.vllm import WORKER_EXTENSION_CLS
+        from dcpp.integration.vllm import worker_extension as ext
+
+        if self.vllm_config.parallel_config.worker_extension_cls == WORKER_EXTENSION_CLS:
+            return "dcpp_" + name
+        return getattr(ext, name)
+
+    def _enable_stage_timing(self) -> None:
+        if self.executor is None:
+            return
+        try:
+            res = self.executor.collective_rpc(self._rpc("enable_step_timing"), timeout=60)
+            self.stage_timing = bool(res) and all(
+                isinstance(r, dict) and r.get("ok") for r in res)
+        except Exception as exc:
+            logger.warning("dcpp: per-stage step timing unavailable (%s: %s); calibrating on "
+                           "step intervals", type(exc).__name__, exc)
+            self.stage_timing = False
+        if self.stage_timing:
+            logger.info("dcpp: per-stage step timing on (%d workers)", len(res))
+
+    def _poll_stage_times(self, idle: bool) -> None:
+        """Collect the workers' step times without stalling the pipeline: a drain RPC is
+        sent non-blocking and read once vLLM has resolved it (its futures resolve in order as
+        the engine waits on its own steps); when the engine is idle it is read at once."""
+        if self.drain is not None and (idle or vllm_compat.future_done(self.drain[0])):
+            future, steps = self.drain
+            self.drain = None
+            try:
+                self._match_stage_times(future.result(), steps)
+            except Exception as exc:
+                logger.warning("dcpp: collecting step times failed (%s: %s); per-stage "
+                               "timing off", type(exc).__name__, exc)
+                self.stage_timing = False
+                return
+        if self.drain is None and self.sent and (idle or len(self.sent) >= 8):
+            steps = list(self.sent)
+            self.sent.clear()
+            try:
+                future = self.executor.collective_rpc(self._rpc("drain_step_times"),
+                                                      non_block=True)
+            except Exception as exc:
+                logger.warning("dcpp: step-time RPC failed (%s: %s); per-stage timing off",
+                               type(exc).__name__, exc)
+                self.stage_timing = False
+                return
+            self.drain = (future, steps)
+            if idle:
+                self._poll_stage_times(idle=True)
+
+    def _match_stage_times(self, results: list, steps: list) -> None:
+        per_rank: dict[int, dict[int, list[float]]] = {}
+        for r in results:
+            rank = int(r.get("pp_rank", -1))
+            table = per_rank.setdefault(rank, {})
+            for fp, secs in r.get("times", []):
+                table.setdefault(int(fp), []).append(float(secs))
+        if not per_rank:
+            return
+        for fp, batch, has_prefill, interval in steps:
+            times = []
+            for table in per_rank.values():
+                got = table.get(fp)
+                if got:
+                    times.append(got.pop(0))
+            if len(times) != len(per_rank) or not has_prefill:
+                continue
+            measured = max(times)  # the slowest stage sets the pace
+            if measured <= 0:
+                continue
+            predicted = float(self.compute_model.predict_batch(batch))
+            self.errors.append(abs(predicted - measured) / measured)
+            if interval is not None:
+                self.overheads.append(interval - measured)
+            self._observe_compute(batch, measured)
+
+    def _observe_compute(self, batch: list, measured: float) -> None:
+        """Calibrate on one step's slowest-stage compute. The start-up profile (clean,
+        best-of-N passes over the whole (chunk, history) range) keeps its shape; the online
+        timings, noisy on a shared machine and clustered where requests actually run, only
+        rescale it: the model in use is the profile times the median measured/predicted ratio
+        of the recent steps (a full 5-coefficient refit from a few noisy steps extrapolates
+        badly and, with drift detection, thrashes)."""
+        base = float(self.model_profiled.predict_batch(batch))
+        self.num_observations += 1
+        if base <= 0:
+            return
+        self.ratios.append(measured / base)
+        if len(self.ratios) < 4 or len(self.ratios) % 4:
+            return
+        scale = statistics.median(self.ratios)
+        if abs(scale / self.compute_scale - 1.0) > 0.01:
+            self.compute_scale = scale
+            self.compute_model = self.model_profiled.scaled(scale)
+            self.num_refits += 1
+            logger.debug("dcpp: recalibrated: profile x %.3f", scale)
+        planning = self._planning_model()
+        if planning != self.model:
+            self.set_model(planning)
+        if self.num_observations % 50 == 0:
+            logger.info("dcpp: median chunk-latency prediction error %.1f%% over last %d steps; "
+                        "profile x %.3f; per-step overhead %.2f ms", 100 * self.median_error(),
+                        len(self.errors), self.compute_scale, 1e3 * self.overhead_s())
+
+    def overhead_s(self) -> float:
+        """Median per-step overhead beyond the slowest stage's compute (>= 0)."""
+        return max(0.0, statistics.median(self.overheads)) if self.overheads else 0.0
+
+    def _planning_model(self) -> Any:
+        """The compute model plus the engine's per-step overhead (what the planner needs: the
+        fixed cost per step decides the chunk count)."""
+        m = self.compute_model
+        if not self.stage_timing or m is None:
+            return m
+        over = self.overhead_s()
+        if over <= 0:
+            return m
+        return dataclasses.replace(m, c=m.c + over)
 
     def median_error(self) -> float:
         """Median |predicted / measured - 1| of the recent steps, each predicted with the model
@@ -434,6 +592,10 @@ class DcppRuntime:
             "num_observations": self.num_observations,
             "num_refits": self.num_refits,
             "median_prediction_error": self.median_error(),
+            "stage_timing": self.stage_timing,
+            "overhead_s": self.overhead_s(),
+            "median_interval_error": (statistics.median(self.interval_errors)
+                                      if self.interval_errors else float("nan")),
             "model": _fit_repr(self.model),
         }
 
@@ -505,7 +667,7 @@ class _DcppMixin:
         t_out = time.monotonic() if rt is not None else 0.0
         result = super().update_from_output(scheduler_output, model_runner_output)
         if rt is not None:
-            rt.on_output(scheduler_output, t_out)
+            rt.on_output(scheduler_output, t_out, idle=not self.has_unfinished_requests())
             if rt.plans:
                 rt.forget([rid for rid in rt.plans if rid not in self.requests])
         return result

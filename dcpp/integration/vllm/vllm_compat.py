@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+import zlib
 from typing import Any, Callable
 
 logger = logging.getLogger("vllm.dcpp")  # under "vllm": uses its log handler and level
@@ -174,3 +175,84 @@ def request_plan_override(request: Any) -> str | None:
         value = extra.get("dcpp_plan")
         return None if value is None else str(value)
     return None
+
+
+# --------------------------------------------------------------------------- per-step timing
+
+_STEP_TIMES_ATTR = "_dcpp_step_times"
+
+
+def step_fingerprint(scheduler_output: Any) -> int:
+    """Identifies one scheduled step on both sides of the executor (the scheduler and every
+    worker receive the same `num_scheduled_tokens` mapping)."""
+    # A CRC, not hash(): string hashes are salted per process.
+    items = sorted(scheduler_output.num_scheduled_tokens.items())
+    return zlib.crc32(repr(items).encode())
+
+
+def install_step_timer(worker: Any, maxlen: int = 4096) -> bool:
+    """Time this worker's share of every step: its model runner's `execute_model` (the forward
+    of this stage's layers) plus `sample_tokens` (the last stage's sampling). Installed as
+    instance attributes that shadow vLLM's methods on this worker only (vLLM 0.32: `Worker`
+    calls `self.model_runner.execute_model(scheduler_output, intermediate_tensors)` and
+    `self.model_runner.sample_tokens(grammar_output)`).
+
+    The clock starts after the hand-off from the previous stage has arrived (we wait on
+    `AsyncIntermediateTensors.wait_for_comm`, which vLLM's forward would otherwise do lazily), so
+    a later stage's time is its own compute, not the wait for the stage before it. Each record
+    is (fingerprint, seconds); `drain_step_times` hands them over. Idempotent."""
+    import collections
+
+    runner = worker.model_runner
+    if getattr(runner, _STEP_TIMES_ATTR, None) is not None:
+        return True
+    records: collections.deque = collections.deque(maxlen=maxlen)
+    execute = runner.execute_model
+    sample = getattr(runner, "sample_tokens", None)
+    last: list = [None]  # the record of the latest forward, completed by sample_tokens
+
+    def timed_execute_model(scheduler_output, intermediate_tensors=None, *args, **kwargs):
+        if scheduler_output.total_num_scheduled_tokens <= 0:
+            return execute(scheduler_output, intermediate_tensors, *args, **kwargs)
+        wait = getattr(intermediate_tensors, "wait_for_comm", None)
+        if callable(wait):
+            wait()
+        t0 = time.perf_counter()
+        out = execute(scheduler_output, intermediate_tensors, *args, **kwargs)
+        _sync(runner)
+        rec = [step_fingerprint(scheduler_output), time.perf_counter() - t0]
+        records.append(rec)
+        last[0] = rec
+        return out
+
+    def timed_sample_tokens(*args, **kwargs):
+        rec, last[0] = last[0], None
+        t0 = time.perf_counter()
+        out = sample(*args, **kwargs)
+        if rec is not None:
+            rec[1] += time.perf_counter() - t0
+        return out
+
+    runner.execute_model = timed_execute_model
+    if callable(sample):
+        runner.sample_tokens = timed_sample_tokens
+    setattr(runner, _STEP_TIMES_ATTR, records)
+    return True
+
+
+def drain_step_times(worker: Any) -> list:
+    """[(fingerprint, seconds), ...] recorded since the last drain, oldest first."""
+    records = getattr(worker.model_runner, _STEP_TIMES_ATTR, None)
+    if records is None:
+        return []
+    out = []
+    while records:
+        fp, secs = records.popleft()
+        out.append((fp, secs))
+    return out
+
+
+def future_done(future: Any) -> bool:
+    """Whether a non-blocking `collective_rpc` future has its result (vLLM 0.32's
+    `FutureWrapper` resolves in submission order as the engine waits on its own step futures)."""
+    return bool(future.done())

@@ -2,7 +2,7 @@
 
 The plugin sets `parallel_config.worker_extension_cls` to `DcppWorkerExtension` when dynamic
 chunking is enabled and the user has no extension of their own (otherwise the scheduler sends
-`stage_timed_prefill` itself as a callable, which vLLM's `collective_rpc` also accepts).
+the module-level functions below as callables, which vLLM's `collective_rpc` also accepts).
 """
 
 from __future__ import annotations
@@ -19,8 +19,28 @@ def stage_timed_prefill(worker: Any, num_tokens: int, history: int, repeats: int
     return info
 
 
+def enable_step_timing(worker: Any) -> dict:
+    """Start recording this stage's compute time of every step (need_timing only)."""
+    info = vllm_compat.worker_stage(worker)
+    info["ok"] = vllm_compat.install_step_timer(worker)
+    return info
+
+
+def drain_step_times(worker: Any) -> dict:
+    """This stage's step compute times recorded since the last call."""
+    info = vllm_compat.worker_stage(worker)
+    info["times"] = vllm_compat.drain_step_times(worker)
+    return info
+
+
 class DcppWorkerExtension:
     """Mixed into vLLM's worker class by `worker_extension_cls`."""
 
     def dcpp_timed_prefill(self, num_tokens: int, history: int, repeats: int = 1) -> dict:
         return stage_timed_prefill(self, num_tokens, history, repeats)
+
+    def dcpp_enable_step_timing(self) -> dict:
+        return enable_step_timing(self)
+
+    def dcpp_drain_step_times(self) -> dict:
+        return drain_step_times(self)
