@@ -67,11 +67,11 @@ def _rle(chunks: list[int]) -> str:
     return " ".join(out)
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
-    from dcpp.chunker.planner import (PlanSpec, default_plan, equal_time_plan, lower_bound,
-                                      optimal_plan, static_plan)
+def _plan_inputs(args: argparse.Namespace):
+    """(per-stage latency model, PlanSpec, description of the model) from the shared
+    plan/timeline arguments."""
+    from dcpp.chunker.planner import PlanSpec
     from dcpp.chunker.profiler import Profile
-    from dcpp.chunker.simulate import simulate
     from dcpp.config import ProfilingChunkConfig
 
     for name in ("seq_len", "pp", "max_num_batched_tokens", "page_size"):
@@ -79,7 +79,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
     if args.pp < 2:
         raise ValueError(f"--pp={args.pp} must be >= 2: dcpp plans chunks for pipeline parallelism")
-    cfg = ProfilingChunkConfig(enabled=True, smooth_factor=args.smooth_factor,
+    cfg = ProfilingChunkConfig(enabled=True, smooth_factor=getattr(args, "smooth_factor", 1.0),
                                min_chunk=args.min_chunk)
     cfg = cfg.check_engine(pipeline_parallel_size=args.pp, enable_chunked_prefill=True,
                            max_num_batched_tokens=args.max_num_batched_tokens)
@@ -89,17 +89,31 @@ def cmd_plan(args: argparse.Namespace) -> int:
         prof = Profile.load(args.profile)
         per_stage = 1.0 / args.pp if prof.scope == "model" else 1.0
         model, desc = prof.model.scaled(per_stage), f"profile {args.profile} ({prof.scope})"
-    max_len = args.max_model_len if args.max_model_len is not None else args.seq_len
+    max_len = getattr(args, "max_model_len", None) or args.seq_len
     spec = PlanSpec(max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len,
                     num_stages=args.pp, min_chunk=cfg.min_chunk, page_size=args.page_size,
                     smooth_factor=cfg.smooth_factor)
-    n = args.seq_len
-    plans = {
-        "static": static_plan(n, spec),
-        "equal_time": equal_time_plan(model, n, spec),
-        "optimal": optimal_plan(model, n, spec),
-        "default": default_plan(model, n, spec),
+    return model, spec, desc
+
+
+def _plan_builders():
+    from dcpp.chunker.planner import default_plan, equal_time_plan, optimal_plan, static_plan
+
+    return {
+        "static": lambda model, n, spec: static_plan(n, spec),
+        "equal_time": equal_time_plan,
+        "optimal": optimal_plan,
+        "default": default_plan,
     }
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from dcpp.chunker.planner import lower_bound
+    from dcpp.chunker.simulate import simulate
+
+    model, spec, desc = _plan_inputs(args)
+    n = args.seq_len
+    plans = {name: build(model, n, spec) for name, build in _plan_builders().items()}
     out = {}
     for name, chunks in plans.items():
         sim = simulate(chunks, model, args.pp)
@@ -121,11 +135,96 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# dcpp profile
+def add_profile(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "profile", help="profile prefill latency and write the profile JSON",
+        description="Time real prefill passes (reference model, or a vLLM engine's PP stages), "
+                    "fit the latency model, print it and write the profile for `dcpp plan`.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--reference", action="store_true",
+                     help="the reference model (--checkpoint DIR, or the demo's tiny model)")
+    src.add_argument("--vllm", metavar="MODEL", help="start vLLM on MODEL and use its profile")
+    p.add_argument("--checkpoint", help="Llama checkpoint folder for --reference")
+    p.add_argument("--pp", type=int, default=2, help="pipeline stages (default 2)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument("--num-samples", type=int, default=16, help="timed passes (default 16)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="--reference: time each design point this many times, keep the fastest")
+    p.add_argument("--out", required=True, help="profile JSON to write")
+    p.set_defaults(func=cmd_profile)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from dcpp.profiling import describe, profile_reference, profile_vllm
+
+    for name in ("pp", "max_num_batched_tokens", "max_model_len", "num_samples", "repeats"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    if args.checkpoint and not args.reference:
+        raise ValueError("--checkpoint goes with --reference; with --vllm pass the model there")
+    common = dict(num_stages=args.pp, max_num_batched_tokens=args.max_num_batched_tokens,
+                  max_model_len=args.max_model_len, num_samples=args.num_samples)
+    if args.reference:
+        prof = profile_reference(checkpoint=args.checkpoint, repeats=args.repeats, **common)
+    else:
+        prof = profile_vllm(model=args.vllm, **common)
+    print(describe(prof))
+    print(f"written to {prof.save(args.out)}; use it with: dcpp plan --profile {args.out} "
+          f"--pp {args.pp} --max-num-batched-tokens {args.max_num_batched_tokens} --seq-len N")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# dcpp timeline
+def add_timeline(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "timeline", help="draw the pipeline timeline of static vs dynamic plans (PNG + SVG)",
+        description="Simulate the static and dcpp plans of one prompt and draw stage x time, one "
+                    "bar per chunk, bubbles visible.")
+    p.add_argument("--seq-len", type=int, required=True)
+    p.add_argument("--pp", type=int, required=True)
+    p.add_argument("--max-num-batched-tokens", type=int, required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--cost", metavar="a,b,c", help="as in `dcpp plan`")
+    src.add_argument("--profile", metavar="FILE", help="profile JSON")
+    p.add_argument("--min-chunk", type=int, default=4096)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--plans", default="static,equal_time,default",
+                   help="comma list of static, equal_time, optimal, default")
+    p.add_argument("--out", default="dcpp_timeline", help="path without suffix (.png, .svg)")
+    p.set_defaults(func=cmd_timeline)
+
+
+def cmd_timeline(args: argparse.Namespace) -> int:
+    from dcpp.chunker.simulate import simulate
+    from dcpp.timeline import bars_from_sim, draw_timeline
+
+    model, spec, _ = _plan_inputs(args)
+    builders = _plan_builders()
+    names = [n.strip() for n in args.plans.split(",") if n.strip()]
+    for n in names:
+        if n not in builders:
+            raise ValueError(f"--plans entry {n!r} is not one of {', '.join(builders)}")
+    timelines = {}
+    for n in names:
+        chunks = builders[n](model, args.seq_len, spec)
+        timelines[f"{n} ({len(chunks)} chunks)"] = bars_from_sim(simulate(chunks, model, args.pp))
+    paths = draw_timeline(timelines, args.out, unit="s",
+                          title=f"simulated PP={args.pp}, {args.seq_len}-token prompt")
+    print("wrote " + ", ".join(map(str, paths)))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dcpp", description="dynamic chunked pipeline-parallel prefill")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     add_plan(sub)
+    add_profile(sub)
+    add_timeline(sub)
     return parser
 
 

@@ -65,7 +65,7 @@ def draw_timeline(timelines: Mapping[str, Sequence[Bar]], out: str | Path, *,
                         va="center", fontsize=7)
         ax.set_yticks(range(num_stages), [f"stage {s}" for s in range(num_stages)])
         ax.set_ylim(num_stages - 0.5, -0.5)
-        ax.set_title(f"{name}: TTFT {span * scale:.1f} {unit}, bubbles {bubble:.1%}",
+        ax.set_title(f"{name}: TTFT {span * scale:.4g} {unit}, bubbles {bubble:.1%}",
                      fontsize=9, loc="left")
         ax.set_xlim(0, horizon * 1.02)
     axes[-1, 0].set_xlabel(f"time ({unit}); bar label = chunk index")

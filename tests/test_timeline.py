@@ -27,7 +27,7 @@ def test_draw_timeline_png_and_svg(tmp_path):
     text = svg.read_text()
     assert len(re.findall(r'id="static-stage\d-chunk\d"', text)) == 8
     assert len(re.findall(r'id="dynamic-stage\d-chunk\d"', text)) == 6
-    assert "static: TTFT 82.0 ms" in text and "dynamic: TTFT 56.0 ms" in text
+    assert "static: TTFT 82 ms" in text and "dynamic: TTFT 56 ms" in text
 
 
 @pytest.mark.parametrize("timelines, match", [

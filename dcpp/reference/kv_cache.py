@@ -21,14 +21,24 @@ def write_kv(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return new caches with ``key``/``value`` written at ``slot_mapping`` (inputs untouched)."""
     check_write_kv_inputs(key, value, key_cache, value_cache, slot_mapping)
-    num_blocks, block_size, num_kv_heads, head_dim = key_cache.shape
+    key_cache, value_cache = key_cache.clone(), value_cache.clone()
+    write_kv_inplace(key, value, key_cache, value_cache, slot_mapping)
+    return key_cache, value_cache
+
+
+def write_kv_inplace(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], written
+    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], written
+    slot_mapping: torch.Tensor,  # [num_tokens] int, -1 = skip
+) -> None:
+    """``write_kv`` into the given (contiguous) caches, as an engine does; used where copying
+    the whole cache per layer would distort timings. Inputs are not validated here."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    k_flat = key_cache.reshape(num_blocks * block_size, num_kv_heads, head_dim).clone()
-    v_flat = value_cache.reshape(num_blocks * block_size, num_kv_heads, head_dim).clone()
-    k_flat[slots] = key[keep]
-    v_flat[slots] = value[keep]
-    return k_flat.view_as(key_cache), v_flat.view_as(value_cache)
+    key_cache.view(-1, *key_cache.shape[2:])[slots] = key[keep]
+    value_cache.view(-1, *value_cache.shape[2:])[slots] = value[keep]
 
 
 def slot_mapping_for(

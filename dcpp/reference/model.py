@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from dcpp.reference.attention import chunked_prefill_attention
-from dcpp.reference.kv_cache import write_kv
+from dcpp.reference.kv_cache import write_kv, write_kv_inplace
 
 Params = dict[str, torch.Tensor]
 
@@ -224,14 +224,21 @@ def layer_forward_paged(
     x: torch.Tensor,  # [num_tokens, hidden]
     kv_cache: tuple[torch.Tensor, torch.Tensor],  # 2 x [num_blocks, block_size, kv_heads, d]
     meta: AttentionMetadata,
+    *,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """One decoder layer over a chunk: write its K/V into the paged cache, attend, MLP.
 
-    Returns the new hidden states [num_tokens, hidden] and the new (key_cache, value_cache).
+    Returns the new hidden states [num_tokens, hidden] and the new (key_cache, value_cache);
+    with ``inplace`` the given caches are written and returned (for timing, as an engine).
     """
     pre = layer_prefix(layer)
     q, k, v = qkv(params, config, pre, x, meta.positions)
-    key_cache, value_cache = write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+    if inplace:
+        write_kv_inplace(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        key_cache, value_cache = kv_cache
+    else:
+        key_cache, value_cache = write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
     attn = chunked_prefill_attention(
         q, key_cache, value_cache, meta.block_table, meta.query_start_loc, meta.seq_lens
     )

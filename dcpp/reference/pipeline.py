@@ -123,11 +123,12 @@ def chunk_metadata(block_ids: torch.Tensor, history: int, chunk: int,
 
 
 def run_stage(params: Params, config: ModelConfig, layers: range, x: torch.Tensor,
-              caches: list[KVCache], meta: AttentionMetadata) -> tuple[torch.Tensor, list[KVCache]]:
+              caches: list[KVCache], meta: AttentionMetadata, *, inplace: bool = False
+              ) -> tuple[torch.Tensor, list[KVCache]]:
     """Run one stage's layers on a chunk. x: [chunk, hidden] -> [chunk, hidden]."""
     new_caches = []
     for layer, kv in zip(layers, caches):
-        x, kv = layer_forward_paged(params, config, layer, x, kv, meta)
+        x, kv = layer_forward_paged(params, config, layer, x, kv, meta, inplace=inplace)
         new_caches.append(kv)
     return x, new_caches
 

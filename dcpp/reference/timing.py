@@ -4,11 +4,15 @@
 profiler's interface): it runs one chunk of ``num_tokens`` new tokens after ``history`` cached
 tokens through every pipeline stage and returns the slowest stage's compute time, since the
 slowest stage sets the pipeline's pace. The history's K/V are random (timing does not depend on
-their values), so no pass over the history is needed.
+their values), so no pass over the history is needed. K/V are written in place, as an engine
+does, and glibc is asked to keep freed memory (otherwise the attention's large temporaries are
+returned to the OS and page-faulted back on every pass, which made pass times erratic).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import time
 from typing import Callable, Sequence
 
@@ -16,6 +20,22 @@ import torch
 
 from dcpp.reference.model import ModelConfig, Params, embed
 from dcpp.reference.pipeline import chunk_metadata, run_stage, split_layers
+
+
+def keep_freed_memory() -> bool:
+    """glibc only: raise the mmap and trim thresholds (mallopt); False where not available."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+        ok = libc.mallopt(m_mmap_threshold, 32 << 20)
+        ok &= libc.mallopt(m_trim_threshold, 2**31 - 1)
+        ok &= libc.mallopt(m_top_pad, 256 << 20)
+        return bool(ok)
+    except (OSError, AttributeError):
+        return False
 
 
 def make_timed_forward(
@@ -29,6 +49,7 @@ def make_timed_forward(
     seed: int = 0,
 ) -> Callable[[int, int], float]:
     """See the module docstring. Caches are sized for ``max_model_len`` tokens."""
+    keep_freed_memory()
     stages = split_layers(config.num_layers, num_stages, partition)
     num_blocks = -(-max_model_len // block_size)
     g = torch.Generator().manual_seed(seed)
@@ -50,7 +71,7 @@ def make_timed_forward(
         slowest = 0.0
         for layers, stage_caches in zip(stages, caches):
             start = time.perf_counter()
-            x, _ = run_stage(params, config, layers, x, stage_caches, meta)
+            x, _ = run_stage(params, config, layers, x, stage_caches, meta, inplace=True)
             slowest = max(slowest, time.perf_counter() - start)
         return slowest
 
