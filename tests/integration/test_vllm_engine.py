@@ -95,11 +95,22 @@ def test_greedy_identical_static_vs_dynamic_and_chunk_plan(engine):
     assert start == 0 and chunks == planned
     if rt.num_refits == refits:  # ...which is the chunker's plan for this prompt
         assert chunks == rt.predictors[rt.cfg.plan_mode].plan(PROMPT_LEN, history=0)
-    # ...and chunks shrink as history grows (the last one is the remainder).
-    body = chunks[:-1]
-    assert all(a >= b for a, b in zip(body, body[1:])), chunks
-    assert body[0] > body[-1], chunks
-    assert len(chunks) > len(static_chunks) - 1
+    # The default (pipeline-aware) plan is never worse than equal-time under the model; the
+    # equal-time plan's chunks shrink as history grows (the last one is the remainder).
+    from dcpp.chunker.planner import plan_cost
+
+    eq = generate(engine, [p], plan="equal_time")[0]
+    assert list(eq.outputs[0].token_ids) == list(static.outputs[0].token_ids)
+    eq_chunks = entry(rt.chunk_log, eq.request_id)
+    assert entry(rt.plan_log, eq.request_id)[1] == eq_chunks
+    assert sum(eq_chunks) == PROMPT_LEN
+    body = eq_chunks[:-1]
+    assert all(a >= b for a, b in zip(body, body[1:])), eq_chunks
+    assert body[0] > body[-1], eq_chunks
+    assert len(eq_chunks) > len(static_chunks) - 1
+    now_default = rt.predictors["pipeline"].plan(PROMPT_LEN, history=0)
+    now_equal = rt.predictors["equal_time"].plan(PROMPT_LEN, history=0)
+    assert plan_cost(rt.model, now_default, 2) <= plan_cost(rt.model, now_equal, 2) * (1 + 1e-9)
 
 
 def test_prompt_logprobs_match_reference(engine, tiny_checkpoint):

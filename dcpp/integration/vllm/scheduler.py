@@ -120,6 +120,10 @@ class DcppRuntime:
         self.interval_errors: collections.deque[float] = collections.deque(
             maxlen=int(cfg.calibration_window))
         self.sent: collections.deque[list] = collections.deque(maxlen=4096)
+        self.step_log: collections.deque[tuple[list, float, float]] = collections.deque(
+            maxlen=1024)
+        """Recent prefill steps: (batch of (chunk, history), predicted s, measured s) on the
+        slowest stage's compute (for reports such as `make demo`)."""
         self.drain: tuple[Any, list] | None = None
 
         self._load_or_profile(executor)
@@ -528,6 +532,7 @@ class DcppRuntime:
                 continue
             predicted = float(self.compute_model.predict_batch(batch))
             self.errors.append(abs(predicted - measured) / measured)
+            self.step_log.append((list(batch), predicted, measured))
             if interval is not None:
                 self.overheads.append(interval - measured)
             self._observe_compute(batch, measured)
