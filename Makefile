@@ -38,7 +38,7 @@ $(ASCEND_STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(PY) -m dcpp.demo_reference
+	$(PY) -m dcpp.demo
 
 # Triton fixes interpreted vs compiled mode at first import, so the kernel tests (interpreter)
 # run in their own pytest process, and again in the triton-ascend venv.

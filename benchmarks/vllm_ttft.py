@@ -39,6 +39,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # EngineCore in this process, so the benchmark can read dcpp's scheduler state.
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
+from dcpp.integration.vllm import harness  # noqa: E402
+
 MODES = ("off", "pipeline", "equal_time")
 LABEL = {"off": "static (vLLM)", "pipeline": "dcpp default", "equal_time": "equal-time"}
 
@@ -58,49 +60,14 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def tiny_model(path: str, layers: int, hidden: int, max_len: int) -> str:
-    from dcpp.reference.checkpoint import write_random_llama
-    from dcpp.reference.model import ModelConfig
-
-    heads = max(2, hidden // 32)
-    cfg = ModelConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_layers=layers,
-                      num_heads=heads, num_kv_heads=max(1, heads // 2), head_dim=32,
-                      max_position_embeddings=max_len)
-    write_random_llama(path, config=cfg, seed=0)
-    return path
-
-
 def start(args, model: str):
-    from vllm import LLM
-
-    return LLM(
-        model=model, skip_tokenizer_init=True, pipeline_parallel_size=2,
-        enable_chunked_prefill=True, max_num_batched_tokens=args.budget,
-        max_model_len=args.max_model_len, dtype="float32", enable_prefix_caching=False, seed=0,
-        additional_config={"profiling_chunk_config": {"enabled": True,
-                                                      "min_chunk": args.min_chunk}},
-    )
-
-
-def runtime(llm):
-    return llm.llm_engine.engine_core.engine_core.scheduler.dcpp
+    return harness.start_engine(model, budget=args.budget, max_model_len=args.max_model_len,
+                                dcpp={"enabled": True, "min_chunk": args.min_chunk})
 
 
 def run(llm, tokens, mode, max_tokens=1):
-    from vllm import SamplingParams
-
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, detokenize=False,
-                            ignore_eos=True, extra_args={"dcpp_plan": mode})
-    t0 = time.perf_counter()
-    out = llm.generate([{"prompt_token_ids": tokens}], params, use_tqdm=False)[0]
-    return time.perf_counter() - t0, out
-
-
-def chunks_of(rt, request_id):
-    for k, v in rt.chunk_log.items():
-        if k == request_id or k.rsplit("-", 1)[0] == request_id:
-            return v
-    return []
+    """(seconds, output token ids, request id) of one greedy request under plan ``mode``."""
+    return harness.timed_generate(llm, tokens, max_tokens=max_tokens, plan=mode)
 
 
 def model_ratios(rt, prompt_len, chunks):
@@ -115,29 +82,19 @@ def model_ratios(rt, prompt_len, chunks):
     return out
 
 
-def shutdown(llm):
-    import gc
-
-    llm.llm_engine.engine_core.shutdown()
-    gc.collect()
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.max_model_len = args.prompt_len + 64
     tmp = tempfile.mkdtemp(prefix="dcpp_ttft_")
     os.environ["DCPP_CACHE_DIR"] = args.cache_dir or os.path.join(tmp, "profiles")
-    model = args.model or tiny_model(os.path.join(tmp, "model"), args.layers, args.hidden,
-                                     args.max_model_len)
-    import torch
-
-    tokens = torch.randint(1, 500, (args.prompt_len,),
-                           generator=torch.Generator().manual_seed(0)).tolist()
+    model = args.model or str(harness.tiny_llama(os.path.join(tmp, "model"), layers=args.layers,
+                                                 hidden=args.hidden, max_len=args.max_model_len))
+    tokens = harness.prompt_tokens(args.prompt_len)
 
     t0 = time.perf_counter()
     llm = start(args, model)
     startup_s = time.perf_counter() - t0
-    rt = runtime(llm)
+    rt = harness.dcpp_runtime(llm)
     if rt is None or rt.model is None:
         print("dcpp is not active (profiling failed?); see the log above", file=sys.stderr)
         return 2
@@ -147,9 +104,8 @@ def main(argv=None) -> int:
     # Greedy outputs must match across plans (8 tokens), and this warms every mode up.
     greedy, chunks = {}, {}
     for mode in MODES:
-        _, out = run(llm, tokens, mode, max_tokens=8)
-        greedy[mode] = list(out.outputs[0].token_ids)
-        chunks[mode] = list(chunks_of(rt, out.request_id))
+        _, greedy[mode], rid = run(llm, tokens, mode, max_tokens=8)
+        chunks[mode] = harness.chunks_of(rt, rid)
     match = all(greedy[m] == greedy["off"] for m in MODES)
     # Report the prediction error of the timed rounds only, i.e. after calibration had the
     # warm-up runs' step timings.
@@ -159,9 +115,9 @@ def main(argv=None) -> int:
     for r in range(args.rounds):
         order = MODES[r % len(MODES):] + MODES[:r % len(MODES)]
         for mode in order:
-            secs, out = run(llm, tokens, mode)
+            secs, _, rid = run(llm, tokens, mode)
             ttft[mode].append(secs)
-            chunks[mode] = list(chunks_of(rt, out.request_id))  # the last timed round's
+            chunks[mode] = harness.chunks_of(rt, rid)  # the last timed round's
         print(f"round {r + 1}: " + ", ".join(f"{m} {ttft[m][-1]:.3f}s" for m in MODES),
               flush=True)
 
@@ -183,17 +139,17 @@ def main(argv=None) -> int:
         "fit": rt.model.to_dict(),
         "model_ratios": model_ratios(rt, args.prompt_len, chunks),
     }
-    shutdown(llm)
+    harness.shutdown(llm)
     del llm
 
     if not args.no_restart:
         t0 = time.perf_counter()
         llm = start(args, model)
-        rt2 = runtime(llm)
+        rt2 = harness.dcpp_runtime(llm)
         result["restart"] = {"startup_s": time.perf_counter() - t0,
                              "profile_source": rt2.profile_source,
                              "profile_passes": rt2.num_profile_passes}
-        shutdown(llm)
+        harness.shutdown(llm)
         del llm
 
     print()
