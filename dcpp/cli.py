@@ -25,6 +25,13 @@ def add_plan(sub: argparse._SubParsersAction) -> None:
         "plan", help="compare chunk plans for one prompt under a latency model",
         description="Plans for one prompt: static, equal-time (vllm-ascend), DP-optimal and "
                     "dcpp's default, with simulated TTFT and bubble fraction.")
+    add_plan_arguments(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_plan)
+
+
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    """The prompt, pipeline, limits and latency model (shared by plan and timeline)."""
     p.add_argument("--seq-len", type=int, required=True, help="prompt tokens")
     p.add_argument("--pp", type=int, required=True, help="pipeline stages")
     p.add_argument("--max-num-batched-tokens", type=int, required=True,
@@ -38,8 +45,6 @@ def add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-chunk", type=int, default=4096, help="chunk floor (default 4096)")
     p.add_argument("--page-size", type=int, default=16, help="KV page size (default 16)")
     p.add_argument("--max-model-len", type=int, default=None, help="default: --seq-len")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_plan)
 
 
 def _parse_cost(text: str):
@@ -79,7 +84,7 @@ def _plan_inputs(args: argparse.Namespace):
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
     if args.pp < 2:
         raise ValueError(f"--pp={args.pp} must be >= 2: dcpp plans chunks for pipeline parallelism")
-    cfg = ProfilingChunkConfig(enabled=True, smooth_factor=getattr(args, "smooth_factor", 1.0),
+    cfg = ProfilingChunkConfig(enabled=True, smooth_factor=args.smooth_factor,
                                min_chunk=args.min_chunk)
     cfg = cfg.check_engine(pipeline_parallel_size=args.pp, enable_chunked_prefill=True,
                            max_num_batched_tokens=args.max_num_batched_tokens)
@@ -89,7 +94,7 @@ def _plan_inputs(args: argparse.Namespace):
         prof = Profile.load(args.profile)
         per_stage = 1.0 / args.pp if prof.scope == "model" else 1.0
         model, desc = prof.model.scaled(per_stage), f"profile {args.profile} ({prof.scope})"
-    max_len = getattr(args, "max_model_len", None) or args.seq_len
+    max_len = args.max_model_len if args.max_model_len is not None else args.seq_len
     spec = PlanSpec(max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len,
                     num_stages=args.pp, min_chunk=cfg.min_chunk, page_size=args.page_size,
                     smooth_factor=cfg.smooth_factor)
@@ -183,14 +188,7 @@ def add_timeline(sub: argparse._SubParsersAction) -> None:
         "timeline", help="draw the pipeline timeline of static vs dynamic plans (PNG + SVG)",
         description="Simulate the static and dcpp plans of one prompt and draw stage x time, one "
                     "bar per chunk, bubbles visible.")
-    p.add_argument("--seq-len", type=int, required=True)
-    p.add_argument("--pp", type=int, required=True)
-    p.add_argument("--max-num-batched-tokens", type=int, required=True)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--cost", metavar="a,b,c", help="as in `dcpp plan`")
-    src.add_argument("--profile", metavar="FILE", help="profile JSON")
-    p.add_argument("--min-chunk", type=int, default=4096)
-    p.add_argument("--page-size", type=int, default=16)
+    add_plan_arguments(p)
     p.add_argument("--plans", default="static,equal_time,default",
                    help="comma list of static, equal_time, optimal, default")
     p.add_argument("--out", default="dcpp_timeline", help="path without suffix (.png, .svg)")

@@ -47,8 +47,11 @@ def make_timed_forward(
     block_size: int = 16,
     max_model_len: int = 8192,
     seed: int = 0,
+    num_threads: int | None = 1,
 ) -> Callable[[int, int], float]:
-    """See the module docstring. Caches are sized for ``max_model_len`` tokens."""
+    """See the module docstring. Caches are sized for ``max_model_len`` tokens. Each pass runs
+    with ``num_threads`` torch threads (restored afterwards; None keeps the current setting):
+    one thread keeps timings repeatable when another process shares the cores."""
     keep_freed_memory()
     stages = split_layers(config.num_layers, num_stages, partition)
     num_blocks = -(-max_model_len // block_size)
@@ -69,10 +72,16 @@ def make_timed_forward(
         tokens = torch.randint(0, config.vocab_size, (num_tokens,), generator=g)
         x = embed(params, tokens).to(dtype)
         slowest = 0.0
-        for layers, stage_caches in zip(stages, caches):
-            start = time.perf_counter()
-            x, _ = run_stage(params, config, layers, x, stage_caches, meta, inplace=True)
-            slowest = max(slowest, time.perf_counter() - start)
+        saved = torch.get_num_threads()
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        try:
+            for layers, stage_caches in zip(stages, caches):
+                start = time.perf_counter()
+                x, _ = run_stage(params, config, layers, x, stage_caches, meta, inplace=True)
+                slowest = max(slowest, time.perf_counter() - start)
+        finally:
+            torch.set_num_threads(saved)
         return slowest
 
     return timed_forward
