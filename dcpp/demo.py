@@ -42,11 +42,12 @@ def parse_args(argv):
     ap.add_argument("--rounds", type=int, default=3, help="timed runs per mode")
     ap.add_argument("--out", default="out/demo", help="folder for the model, timeline, profile")
     ap.add_argument("--quick", action="store_true",
-                    help="reduced size (CI): 4 layers, hidden 128, 3072-token prompt, budget 512")
+                    help="reduced size (CI): 4 layers, hidden 128, 4096-token prompt, budget 1024")
     args = ap.parse_args(argv)
     if args.quick:
-        args.prompt_len, args.layers, args.hidden = 3072, 4, 128
-        args.budget, args.min_chunk, args.rounds = 512, 64, 1
+        # Passes long enough (tens of ms) for a steady start-up profile on a busy machine.
+        args.prompt_len, args.layers, args.hidden = 4096, 4, 128
+        args.budget, args.min_chunk, args.rounds = 1024, 128, 1
     for name in ("prompt_len", "layers", "hidden", "budget", "min_chunk", "rounds"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")

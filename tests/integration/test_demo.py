@@ -17,7 +17,7 @@ def test_demo_quick(tmp_path, capsys):
     assert "greedy outputs (8 tokens) identical: yes" in out, out
     assert rc == 0
     for row in ("engine A: vLLM static", "engine B: dcpp dynamic", "in-engine dynamic / static",
-                "chunks static : 512x6", "chunks dynamic:", "median chunk-latency prediction"):
+                "chunks static : 1024x4", "chunks dynamic:", "median chunk-latency prediction"):
         assert row in out, out
     assert "profile: profiled" in out
     png = tmp_path / "timeline.png"
