@@ -72,6 +72,12 @@ def _rle(chunks: list[int]) -> str:
     return " ".join(out)
 
 
+def _require_positive(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+
+
 def _plan_inputs(args: argparse.Namespace):
     """(per-stage latency model, PlanSpec, description of the model) from the shared
     plan/timeline arguments."""
@@ -79,9 +85,7 @@ def _plan_inputs(args: argparse.Namespace):
     from dcpp.chunker.profiler import Profile
     from dcpp.config import ProfilingChunkConfig
 
-    for name in ("seq_len", "pp", "max_num_batched_tokens", "page_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    _require_positive(args, "seq_len", "pp", "max_num_batched_tokens", "page_size")
     if args.pp < 2:
         raise ValueError(f"--pp={args.pp} must be >= 2: dcpp plans chunks for pipeline parallelism")
     cfg = ProfilingChunkConfig(enabled=True, smooth_factor=args.smooth_factor,
@@ -164,9 +168,8 @@ def add_profile(sub: argparse._SubParsersAction) -> None:
 def cmd_profile(args: argparse.Namespace) -> int:
     from dcpp.profiling import describe, profile_reference, profile_vllm
 
-    for name in ("pp", "max_num_batched_tokens", "max_model_len", "num_samples", "repeats"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    _require_positive(args, "pp", "max_num_batched_tokens", "max_model_len", "num_samples",
+                      "repeats")
     if args.checkpoint and not args.reference:
         raise ValueError("--checkpoint goes with --reference; with --vllm pass the model there")
     common = dict(num_stages=args.pp, max_num_batched_tokens=args.max_num_batched_tokens,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from dcpp.kernels._loader import load_kernels, num_compute_units, triton_mode, use_interpreter
-from dcpp.reference.checks import check_attention_inputs
+from dcpp.reference.checks import check_attention_inputs, check_same_device
 
 LOG2E = 1.4426950408889634
 
@@ -128,11 +128,9 @@ def chunked_prefill_attention(
     query_lens, seq_lens_list = check_attention_inputs(
         query, key_cache, value_cache, block_table, query_start_loc, seq_lens
     )
-    for name, t in (("key_cache", key_cache), ("value_cache", value_cache),
-                    ("block_table", block_table), ("query_start_loc", query_start_loc),
-                    ("seq_lens", seq_lens)):
-        if t.device != query.device:
-            raise ValueError(f"{name} is on {t.device}; expected query's device {query.device}")
+    check_same_device("query", query, key_cache=key_cache, value_cache=value_cache,
+                      block_table=block_table, query_start_loc=query_start_loc,
+                      seq_lens=seq_lens)
     return launch_attention(query, key_cache, value_cache, block_table, query_start_loc,
                             seq_lens, query_lens, seq_lens_list, scale=scale)
 

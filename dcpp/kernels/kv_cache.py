@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from dcpp.kernels._loader import load_kernels, num_compute_units, triton_mode, use_interpreter
-from dcpp.reference.checks import check_write_kv_inputs
+from dcpp.reference.checks import check_same_device, check_write_kv_inputs
 
 _INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -23,10 +23,8 @@ def _next_pow2(x: int) -> int:
 
 def _check(key, value, key_cache, value_cache, slot_mapping) -> None:
     check_write_kv_inputs(key, value, key_cache, value_cache, slot_mapping)
-    for name, t in (("value", value), ("key_cache", key_cache), ("value_cache", value_cache),
-                    ("slot_mapping", slot_mapping)):
-        if t.device != key.device:
-            raise ValueError(f"{name} is on {t.device}; expected key's device {key.device}")
+    check_same_device("key", key, value=value, key_cache=key_cache, value_cache=value_cache,
+                      slot_mapping=slot_mapping)
 
 
 def write_kv(

@@ -23,6 +23,13 @@ def check_tensor(name: str, t, *, ndim: int, dtypes=None, shape_hint: str = "") 
         raise ValueError(f"{name} has dtype {t.dtype}; expected one of {allowed}")
 
 
+def check_same_device(ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -> None:
+    """Every tensor in ``others`` must be on ``ref``'s device (kernels cannot mix devices)."""
+    for name, t in others.items():
+        if t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device}; expected {ref_name}'s device {ref.device}")
+
+
 def check_attention_inputs(
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]

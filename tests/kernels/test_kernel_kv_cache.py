@@ -52,3 +52,10 @@ def test_write_kv_strided_cache_and_validation():
             kernels.write_kv(key, value, k_cache, v_cache, torch.tensor([64, 0, 1]), impl=impl)
     with pytest.raises(ValueError, match="impl"):
         kernels.write_kv(key, value, k_cache, v_cache, slots, impl="fast")
+
+
+def test_write_kv_rejects_mixed_devices():
+    key = torch.randn(2, 1, 16)
+    cache = torch.zeros(2, 2, 1, 16, device="meta")
+    with pytest.raises(ValueError, match="key_cache is on meta; expected key's device cpu"):
+        kernels.write_kv(key, key, cache, cache, torch.tensor([0, 1]), impl="triton")
