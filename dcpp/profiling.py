@@ -8,7 +8,6 @@ forward passes) writes the profile, and copies it out. Either result feeds `dcpp
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -42,19 +41,17 @@ def profile_reference(*, checkpoint: str | None, num_stages: int, max_num_batche
 def profile_vllm(*, model: str, num_stages: int, max_num_batched_tokens: int,
                  max_model_len: int, num_samples: int) -> Profile:
     """Start vLLM with dcpp enabled (PP=num_stages) and return the profile it wrote."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from vllm import LLM
+    from dcpp.integration.vllm import harness
 
     cache_dir = tempfile.mkdtemp(prefix="dcpp_profile_")
     llm = None
     try:
-        llm = LLM(model=model, skip_tokenizer_init=True, pipeline_parallel_size=num_stages,
-                  enable_chunked_prefill=True, max_num_batched_tokens=max_num_batched_tokens,
-                  max_model_len=max_model_len,
-                  additional_config={"profiling_chunk_config": {
-                      "enabled": True, "profile_cache_dir": cache_dir,
-                      "num_profile_samples": num_samples,
-                      "min_chunk": max(64, max_num_batched_tokens // 8)}})
+        llm = harness.start_engine(
+            model, budget=max_num_batched_tokens, max_model_len=max_model_len,
+            pipeline_parallel_size=num_stages, dtype="auto", prefix_caching=True,
+            dcpp={"enabled": True, "profile_cache_dir": cache_dir,
+                  "num_profile_samples": num_samples,
+                  "min_chunk": max(64, max_num_batched_tokens // 8)})
         files = sorted(Path(cache_dir).glob("profile-*.json"))
         if not files:
             raise ValueError(
@@ -65,7 +62,7 @@ def profile_vllm(*, model: str, num_stages: int, max_num_batched_tokens: int,
         return Profile.load(files[0])
     finally:
         if llm is not None:
-            llm.llm_engine.engine_core.shutdown()
+            harness.shutdown(llm)  # engine and its PP worker processes
         shutil.rmtree(cache_dir, ignore_errors=True)
 
 

@@ -42,16 +42,18 @@ def static_chunks(prompt_len: int, budget: int) -> list[int]:
 
 
 def start_engine(model: str | Path, *, budget: int, max_model_len: int,
-                 dcpp: dict | None = None, prefix_caching: bool = False) -> Any:
-    """``vllm.LLM`` with PP=2, chunked prefill, fp32; ``dcpp`` is the profiling_chunk_config
-    block (None: plain vLLM)."""
+                 dcpp: dict | None = None, prefix_caching: bool = False,
+                 pipeline_parallel_size: int = 2, dtype: str = "float32") -> Any:
+    """``vllm.LLM`` with PP (default 2), chunked prefill, ``dtype`` (default fp32, "auto" for
+    the checkpoint's); ``dcpp`` is the profiling_chunk_config block (None: plain vLLM)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM
 
     extra = {"additional_config": {"profiling_chunk_config": dcpp}} if dcpp is not None else {}
-    return LLM(model=str(model), skip_tokenizer_init=True, pipeline_parallel_size=2,
+    return LLM(model=str(model), skip_tokenizer_init=True,
+               pipeline_parallel_size=pipeline_parallel_size,
                enable_chunked_prefill=True, max_num_batched_tokens=budget,
-               max_model_len=max_model_len, dtype="float32",
+               max_model_len=max_model_len, dtype=dtype,
                enable_prefix_caching=prefix_caching, seed=0, **extra)
 
 
