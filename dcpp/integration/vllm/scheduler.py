@@ -11,6 +11,10 @@ budget, preemption, recomputation) the plan is recomputed from where the request
 several prefills in one step the step has a *time* budget: the first prefill's planned chunk sets
 the target time, later prefills get the largest chunk that keeps the step's predicted time within
 it. Decode tokens are reserved first so decodes are never starved.
+
+The latency model comes from `startup_profile` (profile cache or start-up profiling); with
+need_timing it is calibrated online on step intervals or, where the workers record them, on
+per-stage step times collected by `stage_timing`.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import bisect
 import collections
 import dataclasses
 import logging
-import os
 import statistics
 import time
 from typing import Any
@@ -28,6 +31,13 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from dcpp.integration.vllm import vllm_compat
+from dcpp.integration.vllm.stage_timing import SentStep, StageTiming
+from dcpp.integration.vllm.startup_profile import EngineLimits, load_or_profile
+from dcpp.integration.vllm.startup_profile import cache_key as profile_cache_key
+from dcpp.integration.vllm.startup_profile import (  # noqa: F401 - re-exported (lived here)
+    default_cache_dir,
+    profile_timeout_s,
+)
 
 logger = logging.getLogger("vllm.dcpp")  # under "vllm": uses its log handler and level
 
@@ -37,21 +47,6 @@ PLAN_OFF = "off"
 PLAN_MODES = ("pipeline", "equal_time", "static")
 
 _MAX_LOGGED_REQUESTS = 4096
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("DCPP_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "dcpp", "profiles"
-    )
-
-
-def profile_timeout_s() -> float:
-    """Wall-clock budget for start-up profiling: DCPP_PROFILE_TIMEOUT_S, else a third of vLLM's
-    engine start-up timeout (VLLM_ENGINE_READY_TIMEOUT_S, 600 s by default)."""
-    if os.environ.get("DCPP_PROFILE_TIMEOUT_S"):
-        return float(os.environ["DCPP_PROFILE_TIMEOUT_S"])
-    ready = float(os.environ.get("VLLM_ENGINE_READY_TIMEOUT_S", "600"))
-    return max(30.0, ready / 3.0)
 
 
 @dataclasses.dataclass
@@ -81,17 +76,13 @@ class DcppRuntime:
     def __init__(self, vllm_config: Any, cfg: Any, *, executor: Any | None) -> None:
         from dcpp.chunker.calibration import OnlineCalibrator
 
-        sched = vllm_config.scheduler_config
+        limits = EngineLimits.from_vllm_config(vllm_config)
         self.cfg = cfg
         self.vllm_config = vllm_config
-        self.max_num_batched_tokens = int(sched.max_num_batched_tokens)
-        self.max_model_len = int(vllm_config.model_config.max_model_len)
-        self.page_size = int(vllm_config.cache_config.block_size or 16)
-        self.num_stages = int(vllm_config.parallel_config.pipeline_parallel_size)
-        self.model: Any | None = None
-        self.profile_source = "none"
-        self.profile_path: str | None = None
-        self.num_profile_passes = 0
+        self.max_num_batched_tokens = limits.max_num_batched_tokens
+        self.max_model_len = limits.max_model_len
+        self.page_size = limits.page_size
+        self.num_stages = limits.num_stages
         self.predictors: dict[str, Any] = {}
         self.plans: dict[str, _RequestPlan] = {}
         self.chunk_log: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
@@ -99,7 +90,9 @@ class DcppRuntime:
         self.plan_log: collections.OrderedDict[str, tuple[int, list[int]]] = (
             collections.OrderedDict())
         """Per request: (history at its first chunk, the chunks planned for it)."""
-        self.pending: dict[int, tuple[float, list[tuple[int, int]], bool]] = {}
+        self.pending: dict[int, tuple] = {}
+        """id(SchedulerOutput) -> (scheduled at (monotonic s), batch of (chunk, history),
+        has_prefill, its `SentStep`) for the steps whose output has not come back."""
         self.last_output_t: float | None = None
         self.errors: collections.deque[float] = collections.deque(
             maxlen=int(cfg.calibration_window)
@@ -110,23 +103,24 @@ class DcppRuntime:
         self.step: _Step | None = None
 
         # Per-stage step timing (need_timing): workers record their compute time per step;
-        # the scheduler collects the records with non-blocking RPCs (see `_poll_stage_times`).
-        self.executor = executor
-        self.stage_timing = False
+        # `timing` collects the records with non-blocking RPCs (see `StageTiming.poll`).
+        self.timing = StageTiming(vllm_config, executor)
         self.compute_model: Any | None = None
         """Latency model of the slowest stage's compute (what the workers measure)."""
         self.overheads: collections.deque[float] = collections.deque(maxlen=64)
         """Recent (step interval - slowest-stage compute): the engine's per-step overhead."""
         self.interval_errors: collections.deque[float] = collections.deque(
             maxlen=int(cfg.calibration_window))
-        self.sent: collections.deque[list] = collections.deque(maxlen=4096)
         self.step_log: collections.deque[tuple[list, float, float]] = collections.deque(
             maxlen=1024)
         """Recent prefill steps: (batch of (chunk, history), predicted s, measured s) on the
         slowest stage's compute (for reports such as `make demo`)."""
-        self.drain: tuple[Any, list] | None = None
 
-        self._load_or_profile(executor)
+        prof = load_or_profile(vllm_config, cfg, executor)
+        self.model: Any | None = prof.model
+        self.profile_source = prof.source
+        self.profile_path: str | None = prof.path
+        self.num_profile_passes = prof.passes
         self.calibrator = None
         if cfg.need_timing and self.model is not None:
             self.calibrator = OnlineCalibrator(
@@ -137,133 +131,20 @@ class DcppRuntime:
             self.compute_scale = 1.0
             self.ratios: collections.deque[float] = collections.deque(
                 maxlen=int(cfg.calibration_window))
-            self._enable_stage_timing()
+            self.timing.enable()
         self._build_predictors()
 
-    # ------------------------------------------------------------------ start-up profiling
+    @property
+    def stage_timing(self) -> bool:
+        """Whether calibration runs on the workers' per-stage step times."""
+        return self.timing.on
+
+    @stage_timing.setter
+    def stage_timing(self, on: bool) -> None:
+        self.timing.on = on
 
     def cache_key(self) -> dict:
-        from dcpp.chunker.profiler import cache_key
-
-        mc = self.vllm_config.model_config
-        pc = self.vllm_config.parallel_config
-        return cache_key(
-            model=str(mc.model),
-            dtype=str(mc.dtype).replace("torch.", ""),
-            pipeline_parallel_size=int(pc.pipeline_parallel_size),
-            tensor_parallel_size=int(pc.tensor_parallel_size),
-            device=vllm_compat.platform_device_name(),
-            max_num_batched_tokens=self.max_num_batched_tokens,
-            max_model_len=self.max_model_len,
-            page_size=self.page_size,
-            num_profile_samples=int(self.cfg.num_profile_samples),
-            vllm=vllm_compat.vllm_version(),
-        )
-
-    def _load_or_profile(self, executor: Any | None) -> None:
-        from dcpp.chunker.profiler import Profile, cache_path
-
-        key = self.cache_key()
-        cache_dir = self.cfg.profile_cache_dir or default_cache_dir()
-        path = cache_path(key, cache_dir)
-        self.profile_path = str(path)
-        if os.path.exists(path):
-            try:
-                prof = Profile.load(path)
-                self.model = prof.model
-                self.profile_source = "cache"
-                logger.info("dcpp: profile loaded from %s (0 profiling passes)", path)
-                self._log_fit(prof)
-                return
-            except Exception as exc:  # a stale or corrupt file: profile again
-                logger.warning("dcpp: ignoring unreadable profile %s (%s); profiling again",
-                               path, exc)
-        if executor is None:
-            logger.warning(
-                "dcpp: no model executor reachable from the scheduler (vLLM %s; checked %s); "
-                "falling back to static chunking",
-                vllm_compat.vllm_version(), ", ".join(vllm_compat.VLLM_VERSIONS_CHECKED))
-            return
-        try:
-            prof = self._profile(executor, key)
-        except Exception as exc:
-            logger.warning(
-                "dcpp: start-up profiling failed (%s: %s); falling back to static chunking "
-                "(vLLM's own chunks of max_num_batched_tokens=%d)",
-                type(exc).__name__, exc, self.max_num_batched_tokens)
-            return
-        self.model = prof.model
-        self.profile_source = "profiled"
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            prof.save(path)
-            logger.info("dcpp: profile saved to %s", path)
-        except OSError as exc:
-            logger.warning("dcpp: could not save profile to %s (%s)", path, exc)
-        self._log_fit(prof)
-
-    def _profile(self, executor: Any, key: dict) -> Any:
-        from dcpp.chunker.profiler import profile
-
-        from dcpp.integration.vllm import WORKER_EXTENSION_CLS
-        from dcpp.integration.vllm.worker_extension import stage_timed_prefill
-
-        use_ext = self.vllm_config.parallel_config.worker_extension_cls == WORKER_EXTENSION_CLS
-        method = "dcpp_timed_prefill" if use_ext else stage_timed_prefill
-        budget = profile_timeout_s()
-        # Best of `repeats` per sample: single passes on shared CPUs carry outliers.
-        repeats = int(os.environ.get("DCPP_PROFILE_REPEATS", "2"))
-        deadline = time.monotonic() + budget
-        passes = 0
-
-        def timed_forward(num_tokens: int, history: int) -> float:
-            nonlocal passes
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(
-                    f"profiling exceeded {budget:.0f} s (set DCPP_PROFILE_TIMEOUT_S or lower "
-                    "num_profile_samples)")
-            results = executor.collective_rpc(
-                method, timeout=left, args=(int(num_tokens), int(history), repeats))
-            passes += 1
-            per_stage: dict[int, float] = {}
-            for r in results:
-                rank = int(r.get("pp_rank", -1))
-                per_stage[rank] = max(per_stage.get(rank, 0.0), float(r["seconds"]))
-            logger.debug("dcpp: profile n=%d h=%d stages=%s", num_tokens, history, per_stage)
-            # The slowest stage sets the pipeline's pace.
-            return max(per_stage.values())
-
-        t0 = time.monotonic()
-        prof = profile(
-            timed_forward,
-            max_num_batched_tokens=self.max_num_batched_tokens,
-            max_model_len=self.max_model_len,
-            num_samples=int(self.cfg.num_profile_samples),
-            page_size=self.page_size,
-            cache_key=key,
-            scope="stage",  # timed_forward returns the slowest stage's time
-        )
-        self.num_profile_passes = passes
-        logger.info("dcpp: profiled %d forward passes over %d PP stages in %.1f s",
-                    passes, self.num_stages, time.monotonic() - t0)
-        return prof
-
-    def _log_fit(self, prof: Any) -> None:
-        model = prof.model
-        try:
-            fit = model.to_dict()
-        except Exception:
-            fit = repr(model)
-        base = min(self.max_num_batched_tokens, self.max_model_len)
-        try:
-            target = model.predict_time(base, 0)
-        except Exception:
-            target = float("nan")
-        logger.info(
-            "dcpp: latency fit %s from %s samples; target chunk latency %.2f ms "
-            "(chunk of %d tokens at history 0); plan_mode=%s",
-            fit, getattr(prof, "num_passes", "?"), target * 1e3, base, self.cfg.plan_mode)
+        return profile_cache_key(self.vllm_config, self.cfg)
 
     def _build_predictors(self) -> None:
         from dcpp.chunker.predictor import ChunkPredictor
@@ -401,10 +282,8 @@ class DcppRuntime:
                 self.plans.pop(rid, None)
                 logger.debug("dcpp: request %s prefill chunks %s", rid, log)
         if self.cfg.need_timing and batch:
-            entry = [vllm_compat.step_fingerprint(out), batch, has_prefill, None]
-            self.pending[id(out)] = (now, batch, has_prefill, entry)
-            if self.stage_timing:
-                self.sent.append(entry)
+            sent = self.timing.track(out, batch, has_prefill)
+            self.pending[id(out)] = (now, batch, has_prefill, sent)
             if len(self.pending) > 64:  # outputs that never came back (should not happen)
                 for k in list(self.pending)[:-64]:
                     del self.pending[k]
@@ -421,16 +300,16 @@ class DcppRuntime:
             if has_prefill and last is not None and last > t_sched and t_out > last:
                 self._observe_interval(batch, t_out - last, entry[3] if len(entry) > 3 else None)
         if self.stage_timing:
-            self._poll_stage_times(idle)
+            self.timing.poll(idle, self._observe_stage_time)
 
-    def _observe_interval(self, batch: list, elapsed: float, sent: list | None) -> None:
+    def _observe_interval(self, batch: list, elapsed: float, sent: SentStep | None) -> None:
         predicted = float(self.model.predict_batch(batch))
         if self.stage_timing:
             # Compute is calibrated on the workers' own timings; the interval only tells the
             # per-step overhead (kept on the step until its compute time arrives).
             self.interval_errors.append(abs(predicted - elapsed) / elapsed)
             if sent is not None:
-                sent[3] = elapsed
+                sent.interval = elapsed
             return
         self.errors.append(abs(predicted - elapsed) / elapsed)
         self._observe(batch, elapsed)
@@ -459,83 +338,15 @@ class DcppRuntime:
 
     # ------------------------------------------------------------------ per-stage timing
 
-    def _rpc(self, name: str) -> Any:
-        from dcpp.integration.vllm import WORKER_EXTENSION_CLS
-        from dcpp.integration.vllm import worker_extension as ext
-
-        if self.vllm_config.parallel_config.worker_extension_cls == WORKER_EXTENSION_CLS:
-            return "dcpp_" + name
-        return getattr(ext, name)
-
-    def _enable_stage_timing(self) -> None:
-        if self.executor is None:
-            return
-        try:
-            res = self.executor.collective_rpc(self._rpc("enable_step_timing"), timeout=60)
-            self.stage_timing = bool(res) and all(
-                isinstance(r, dict) and r.get("ok") for r in res)
-        except Exception as exc:
-            logger.warning("dcpp: per-stage step timing unavailable (%s: %s); calibrating on "
-                           "step intervals", type(exc).__name__, exc)
-            self.stage_timing = False
-        if self.stage_timing:
-            logger.info("dcpp: per-stage step timing on (%d workers)", len(res))
-
-    def _poll_stage_times(self, idle: bool) -> None:
-        """Collect the workers' step times without stalling the pipeline: a drain RPC is
-        sent non-blocking and read once vLLM has resolved it (its futures resolve in order as
-        the engine waits on its own steps); when the engine is idle it is read at once."""
-        if self.drain is not None and (idle or vllm_compat.future_done(self.drain[0])):
-            future, steps = self.drain
-            self.drain = None
-            try:
-                self._match_stage_times(future.result(), steps)
-            except Exception as exc:
-                logger.warning("dcpp: collecting step times failed (%s: %s); per-stage "
-                               "timing off", type(exc).__name__, exc)
-                self.stage_timing = False
-                return
-        if self.drain is None and self.sent and (idle or len(self.sent) >= 8):
-            steps = list(self.sent)
-            self.sent.clear()
-            try:
-                future = self.executor.collective_rpc(self._rpc("drain_step_times"),
-                                                      non_block=True)
-            except Exception as exc:
-                logger.warning("dcpp: step-time RPC failed (%s: %s); per-stage timing off",
-                               type(exc).__name__, exc)
-                self.stage_timing = False
-                return
-            self.drain = (future, steps)
-            if idle:
-                self._poll_stage_times(idle=True)
-
-    def _match_stage_times(self, results: list, steps: list) -> None:
-        per_rank: dict[int, dict[int, list[float]]] = {}
-        for r in results:
-            rank = int(r.get("pp_rank", -1))
-            table = per_rank.setdefault(rank, {})
-            for fp, secs in r.get("times", []):
-                table.setdefault(int(fp), []).append(float(secs))
-        if not per_rank:
-            return
-        for fp, batch, has_prefill, interval in steps:
-            times = []
-            for table in per_rank.values():
-                got = table.get(fp)
-                if got:
-                    times.append(got.pop(0))
-            if len(times) != len(per_rank) or not has_prefill:
-                continue
-            measured = max(times)  # the slowest stage sets the pace
-            if measured <= 0:
-                continue
-            predicted = float(self.compute_model.predict_batch(batch))
-            self.errors.append(abs(predicted - measured) / measured)
-            self.step_log.append((list(batch), predicted, measured))
-            if interval is not None:
-                self.overheads.append(interval - measured)
-            self._observe_compute(batch, measured)
+    def _observe_stage_time(self, batch: list, measured: float, interval: float | None) -> None:
+        """One prefill step's slowest-stage compute (s) from the workers, with its step interval
+        (s, None if not measured)."""
+        predicted = float(self.compute_model.predict_batch(batch))
+        self.errors.append(abs(predicted - measured) / measured)
+        self.step_log.append((list(batch), predicted, measured))
+        if interval is not None:
+            self.overheads.append(interval - measured)
+        self._observe_compute(batch, measured)
 
     def _observe_compute(self, batch: list, measured: float) -> None:
         """Calibrate on one step's slowest-stage compute. The start-up profile (clean,

@@ -1,0 +1,199 @@
+"""Start-up profiling for the vLLM scheduler: the latency model comes from the profile cache, or
+from timed prefill passes on every pipeline stage (`collective_rpc` into the workers), or is
+None (static chunking) when neither works.
+
+`load_or_profile` is what `DcppRuntime` calls once at start-up; it returns a `StartupProfile`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any
+
+from dcpp.integration.vllm import vllm_compat
+
+logger = logging.getLogger("vllm.dcpp")  # under "vllm": uses its log handler and level
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("DCPP_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "dcpp", "profiles"
+    )
+
+
+def profile_timeout_s() -> float:
+    """Wall-clock budget for start-up profiling: DCPP_PROFILE_TIMEOUT_S, else a third of vLLM's
+    engine start-up timeout (VLLM_ENGINE_READY_TIMEOUT_S, 600 s by default)."""
+    if os.environ.get("DCPP_PROFILE_TIMEOUT_S"):
+        return float(os.environ["DCPP_PROFILE_TIMEOUT_S"])
+    ready = float(os.environ.get("VLLM_ENGINE_READY_TIMEOUT_S", "600"))
+    return max(30.0, ready / 3.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineLimits:
+    """The engine numbers chunk sizing and profiling depend on (all in tokens, but num_stages)."""
+
+    max_num_batched_tokens: int
+    max_model_len: int
+    page_size: int
+    """KV-cache block size."""
+    num_stages: int
+    """Pipeline-parallel size."""
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config: Any) -> EngineLimits:
+        return cls(
+            max_num_batched_tokens=int(vllm_config.scheduler_config.max_num_batched_tokens),
+            max_model_len=int(vllm_config.model_config.max_model_len),
+            page_size=int(vllm_config.cache_config.block_size or 16),
+            num_stages=int(vllm_config.parallel_config.pipeline_parallel_size),
+        )
+
+
+@dataclasses.dataclass
+class StartupProfile:
+    model: Any | None
+    """Latency model of the slowest stage; None means static chunking."""
+    source: str
+    """"cache", "profiled" or "none"."""
+    path: str | None
+    """Profile cache file (whether or not it exists)."""
+    passes: int
+    """Profiling forward passes run now (0 when loaded from the cache)."""
+
+
+def cache_key(vllm_config: Any, cfg: Any) -> dict:
+    from dcpp.chunker.profiler import cache_key as make_key
+
+    limits = EngineLimits.from_vllm_config(vllm_config)
+    mc = vllm_config.model_config
+    pc = vllm_config.parallel_config
+    return make_key(
+        model=str(mc.model),
+        dtype=str(mc.dtype).replace("torch.", ""),
+        pipeline_parallel_size=int(pc.pipeline_parallel_size),
+        tensor_parallel_size=int(pc.tensor_parallel_size),
+        device=vllm_compat.platform_device_name(),
+        max_num_batched_tokens=limits.max_num_batched_tokens,
+        max_model_len=limits.max_model_len,
+        page_size=limits.page_size,
+        num_profile_samples=int(cfg.num_profile_samples),
+        vllm=vllm_compat.vllm_version(),
+    )
+
+
+def load_or_profile(vllm_config: Any, cfg: Any, executor: Any | None) -> StartupProfile:
+    """The cached profile if readable, else a fresh one (saved to the cache); model None when
+    there is no executor or profiling fails."""
+    from dcpp.chunker.profiler import Profile, cache_path
+
+    limits = EngineLimits.from_vllm_config(vllm_config)
+    key = cache_key(vllm_config, cfg)
+    cache_dir = cfg.profile_cache_dir or default_cache_dir()
+    path = cache_path(key, cache_dir)
+    result = StartupProfile(model=None, source="none", path=str(path), passes=0)
+    if os.path.exists(path):
+        try:
+            prof = Profile.load(path)
+            result.model = prof.model
+            result.source = "cache"
+            logger.info("dcpp: profile loaded from %s (0 profiling passes)", path)
+            _log_fit(prof, limits, cfg.plan_mode)
+            return result
+        except Exception as exc:  # a stale or corrupt file: profile again
+            logger.warning("dcpp: ignoring unreadable profile %s (%s); profiling again",
+                           path, exc)
+    if executor is None:
+        logger.warning(
+            "dcpp: no model executor reachable from the scheduler (vLLM %s; checked %s); "
+            "falling back to static chunking",
+            vllm_compat.vllm_version(), ", ".join(vllm_compat.VLLM_VERSIONS_CHECKED))
+        return result
+    try:
+        prof, result.passes = _profile(vllm_config, cfg, limits, executor, key)
+    except Exception as exc:
+        logger.warning(
+            "dcpp: start-up profiling failed (%s: %s); falling back to static chunking "
+            "(vLLM's own chunks of max_num_batched_tokens=%d)",
+            type(exc).__name__, exc, limits.max_num_batched_tokens)
+        return result
+    result.model = prof.model
+    result.source = "profiled"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        prof.save(path)
+        logger.info("dcpp: profile saved to %s", path)
+    except OSError as exc:
+        logger.warning("dcpp: could not save profile to %s (%s)", path, exc)
+    _log_fit(prof, limits, cfg.plan_mode)
+    return result
+
+
+def _profile(vllm_config: Any, cfg: Any, limits: EngineLimits, executor: Any,
+             key: dict) -> tuple[Any, int]:
+    """Profile every stage through `collective_rpc`: (the Profile, forward passes run)."""
+    from dcpp.chunker.profiler import profile
+
+    from dcpp.integration.vllm import WORKER_EXTENSION_CLS
+    from dcpp.integration.vllm.worker_extension import stage_timed_prefill
+
+    use_ext = vllm_config.parallel_config.worker_extension_cls == WORKER_EXTENSION_CLS
+    method = "dcpp_timed_prefill" if use_ext else stage_timed_prefill
+    budget = profile_timeout_s()
+    # Best of `repeats` per sample: single passes on shared CPUs carry outliers.
+    repeats = int(os.environ.get("DCPP_PROFILE_REPEATS", "2"))
+    deadline = time.monotonic() + budget
+    passes = 0
+
+    def timed_forward(num_tokens: int, history: int) -> float:
+        nonlocal passes
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(
+                f"profiling exceeded {budget:.0f} s (set DCPP_PROFILE_TIMEOUT_S or lower "
+                "num_profile_samples)")
+        results = executor.collective_rpc(
+            method, timeout=left, args=(int(num_tokens), int(history), repeats))
+        passes += 1
+        per_stage: dict[int, float] = {}  # pp_rank -> seconds (slowest TP rank)
+        for r in results:
+            rank = int(r.get("pp_rank", -1))
+            per_stage[rank] = max(per_stage.get(rank, 0.0), float(r["seconds"]))
+        logger.debug("dcpp: profile n=%d h=%d stages=%s", num_tokens, history, per_stage)
+        # The slowest stage sets the pipeline's pace.
+        return max(per_stage.values())
+
+    t0 = time.monotonic()
+    prof = profile(
+        timed_forward,
+        max_num_batched_tokens=limits.max_num_batched_tokens,
+        max_model_len=limits.max_model_len,
+        num_samples=int(cfg.num_profile_samples),
+        page_size=limits.page_size,
+        cache_key=key,
+        scope="stage",  # timed_forward returns the slowest stage's time
+    )
+    logger.info("dcpp: profiled %d forward passes over %d PP stages in %.1f s",
+                passes, limits.num_stages, time.monotonic() - t0)
+    return prof, passes
+
+
+def _log_fit(prof: Any, limits: EngineLimits, plan_mode: str) -> None:
+    model = prof.model
+    try:
+        fit = model.to_dict()
+    except Exception:
+        fit = repr(model)
+    base = min(limits.max_num_batched_tokens, limits.max_model_len)
+    try:
+        target = model.predict_time(base, 0)  # seconds
+    except Exception:
+        target = float("nan")
+    logger.info(
+        "dcpp: latency fit %s from %s samples; target chunk latency %.2f ms "
+        "(chunk of %d tokens at history 0); plan_mode=%s",
+        fit, getattr(prof, "num_passes", "?"), target * 1e3, base, plan_mode)
