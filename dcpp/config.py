@@ -70,6 +70,12 @@ class ProfilingChunkConfig:
     """Relative prediction error (median of recent steps) above which the calibrator declares
     drift, drops older timings and refits."""
 
+    metrics_port: int = 0
+    """Serve dcpp's Prometheus metrics on this TCP port from the engine-core process (each
+    data-parallel engine adds its rank); 0: no endpoint (everything still goes to the log).
+    vLLM's own /metrics cannot carry them: its stat-logger plugins run in the front-end
+    process and only see vLLM's own scheduler stats."""
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             _check_field(f.name, getattr(self, f.name))
@@ -213,6 +219,8 @@ _RULES: dict[str, tuple[str, Any, str]] = {
     "num_profile_samples": ("int", lambda v: 6 <= v <= 4096, "an int in [6, 4096]"),
     "calibration_window": ("int", lambda v: 8 <= v <= 1_000_000, "an int in [8, 1000000]"),
     "drift_threshold": ("float", lambda v: 0.0 < v <= 10.0, "a number with 0 < x <= 10"),
+    "metrics_port": ("int", lambda v: 0 <= v <= 65535,
+                     "an int in [0, 65535] (0 turns the metrics endpoint off)"),
 }
 
 

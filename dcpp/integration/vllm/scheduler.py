@@ -31,6 +31,7 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from dcpp.integration.vllm import vllm_compat
+from dcpp.integration.vllm.metrics import start_metrics
 from dcpp.integration.vllm.stage_timing import SentStep, StageTiming
 from dcpp.integration.vllm.startup_profile import EngineLimits, load_or_profile
 from dcpp.integration.vllm.startup_profile import cache_key as profile_cache_key
@@ -47,6 +48,10 @@ PLAN_OFF = "off"
 PLAN_MODES = ("pipeline", "equal_time", "static")
 
 _MAX_LOGGED_REQUESTS = 4096
+
+STEADY = 0.10
+"""Consecutive prefill steps whose slowest-stage compute differs by at most this fraction count
+as a steady pipeline (only those measure the per-step overhead)."""
 
 
 @dataclasses.dataclass
@@ -108,7 +113,9 @@ class DcppRuntime:
         self.compute_model: Any | None = None
         """Latency model of the slowest stage's compute (what the workers measure)."""
         self.overheads: collections.deque[float] = collections.deque(maxlen=64)
-        """Recent (step interval - slowest-stage compute): the engine's per-step overhead."""
+        """Recent (step interval - slowest-stage compute) of steady steps: the engine's per-step
+        overhead."""
+        self._prev_measured: float | None = None
         self.interval_errors: collections.deque[float] = collections.deque(
             maxlen=int(cfg.calibration_window))
         self.step_log: collections.deque[tuple[list, float, float]] = collections.deque(
@@ -121,6 +128,12 @@ class DcppRuntime:
         self.profile_source = prof.source
         self.profile_path: str | None = prof.path
         self.num_profile_passes = prof.passes
+        self.metrics = start_metrics(
+            int(cfg.metrics_port),
+            rank=int(getattr(vllm_config.parallel_config, "data_parallel_rank", 0) or 0))
+        if self.metrics is not None:
+            self.metrics.profile_passes.set(self.num_profile_passes)
+            self.metrics.active.set(1 if self.model is not None else 0)
         self.calibrator = None
         if cfg.need_timing and self.model is not None:
             self.calibrator = OnlineCalibrator(
@@ -266,6 +279,8 @@ class DcppRuntime:
             if not is_prefill:
                 continue
             has_prefill = True
+            if self.metrics is not None:
+                self.metrics.chunk_tokens.observe(n)
             log = self.chunk_log.setdefault(rid, [])
             log.append(n)
             if len(self.chunk_log) > _MAX_LOGGED_REQUESTS:
@@ -312,6 +327,8 @@ class DcppRuntime:
                 sent.interval = elapsed
             return
         self.errors.append(abs(predicted - elapsed) / elapsed)
+        if self.metrics is not None:
+            self.metrics.prediction_error.observe(self.errors[-1])
         self._observe(batch, elapsed)
 
     def _observe(self, batch: list, seconds: float) -> None:
@@ -344,8 +361,17 @@ class DcppRuntime:
         predicted = float(self.compute_model.predict_batch(batch))
         self.errors.append(abs(predicted - measured) / measured)
         self.step_log.append((list(batch), predicted, measured))
-        if interval is not None:
+        prev, self._prev_measured = self._prev_measured, measured
+        if interval is not None and prev is not None and abs(measured / prev - 1.0) <= STEADY:
+            # In a full pipeline of equal steps the output interval is one step's compute plus
+            # the engine's per-step overhead. When consecutive steps differ (static chunks that
+            # grow with history, a mis-predicted plan) the interval also carries that
+            # difference, easily 100x the overhead; those steps tell nothing about it.
             self.overheads.append(interval - measured)
+        if self.metrics is not None:
+            self.metrics.prediction_error.observe(self.errors[-1])
+            self.metrics.step_seconds.observe(measured)
+            self.metrics.overhead.set(self.overhead_s())
         self._observe_compute(batch, measured)
 
     def _observe_compute(self, batch: list, measured: float) -> None:
@@ -367,6 +393,8 @@ class DcppRuntime:
             self.compute_scale = scale
             self.compute_model = self.model_profiled.scaled(scale)
             self.num_refits += 1
+            if self.metrics is not None:
+                self.metrics.scale.set(scale)
             logger.debug("dcpp: recalibrated: profile x %.3f", scale)
         planning = self._planning_model()
         if planning != self.model:
@@ -395,6 +423,12 @@ class DcppRuntime:
         """Median |predicted / measured - 1| of the recent steps, each predicted with the model
         in use when it ran."""
         return statistics.median(self.errors) if self.errors else float("nan")
+
+    def close(self) -> None:
+        """Release what the runtime holds outside Python objects (the metrics port)."""
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
 
     def forget(self, request_ids: Any) -> None:
         for rid in request_ids:
@@ -494,6 +528,14 @@ class _DcppMixin:
         if rt is not None and rt.plans:
             rt.forget([rid for rid in rt.plans if rid not in self.requests])
         return result
+
+
+    def shutdown(self) -> None:
+        try:
+            super().shutdown()
+        finally:
+            if self.dcpp is not None:
+                self.dcpp.close()
 
 
 class DcppScheduler(_DcppMixin, Scheduler):

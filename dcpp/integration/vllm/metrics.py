@@ -1,0 +1,78 @@
+"""dcpp's Prometheus metrics, served from the engine-core process (where the scheduler runs).
+
+vLLM 0.32's /metrics lives in the API-server process; its `vllm.stat_logger_plugins` loggers
+run there too and receive only vLLM's own `SchedulerStats`/`IterationStats`, which have no field
+for a plugin's data. So with ``metrics_port`` set, dcpp serves its own small endpoint next to
+vLLM's (scrape both). Without it nothing here runs and the log carries the same numbers.
+
+Metric names follow Prometheus conventions (base units: seconds, tokens, ratios).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+logger = logging.getLogger("vllm.dcpp")
+
+CHUNK_BUCKETS = tuple(float(2 ** k) for k in range(4, 19))  # 16 .. 262144 tokens
+ERROR_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)  # |predicted / measured - 1|
+
+
+class DcppMetrics:
+    """A private registry (never vLLM's global one: an in-process engine shares that) and the
+    HTTP server that exposes it. `close` stops the server and frees the port."""
+
+    def __init__(self, port: int, host: str | None = None) -> None:
+        from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
+
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.chunk_tokens = Histogram(
+            "dcpp_prefill_chunk_tokens", "Prefill chunk sizes dcpp scheduled (tokens).",
+            buckets=CHUNK_BUCKETS, registry=r)
+        self.prediction_error = Histogram(
+            "dcpp_chunk_latency_prediction_error",
+            "Per prefill step: |predicted / measured - 1| of the slowest stage's compute time.",
+            buckets=ERROR_BUCKETS, registry=r)
+        self.step_seconds = Histogram(
+            "dcpp_step_compute_seconds", "Slowest stage's compute time of each prefill step.",
+            registry=r)
+        self.overhead = Gauge("dcpp_step_overhead_seconds",
+                              "Learnt per-step engine overhead beyond the slowest stage's compute.",
+                              registry=r)
+        self.scale = Gauge("dcpp_latency_model_scale",
+                           "Online calibration factor applied to the start-up profile.",
+                           registry=r)
+        self.profile_passes = Gauge("dcpp_profile_passes",
+                                    "Profiling passes run at start-up (0: loaded from cache).",
+                                    registry=r)
+        self.active = Gauge("dcpp_dynamic_chunking_active",
+                            "1 when chunks are sized by dcpp, 0 after a fallback to static.",
+                            registry=r)
+        self.host = host or os.environ.get("DCPP_METRICS_HOST", "127.0.0.1")
+        self.port = int(port)
+        self._server, self._thread = start_http_server(self.port, addr=self.host, registry=r)
+        logger.info("dcpp: Prometheus metrics on http://%s:%d/metrics", self.host, self.port)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join(timeout=5)
+            self._server = None
+
+
+def start_metrics(port: int, rank: int = 0) -> DcppMetrics | None:
+    """The metrics endpoint on ``port + rank``, or None (with a warning: serving goes on without
+    it) when the port cannot be bound."""
+    if port <= 0:
+        return None
+    try:
+        return DcppMetrics(port + rank)
+    except OSError as exc:
+        logger.warning("dcpp: cannot serve metrics on port %d (%s); set profiling_chunk_config."
+                       "metrics_port to a free port. Continuing without metrics.", port + rank, exc)
+        return None
+
