@@ -9,10 +9,11 @@ static, the greedy-output check, the chunk sequences, the latency-prediction err
 online calibration, and (unless --no-restart) a second start-up that must load the cached
 profile and run zero profiling passes.
 
-    .venv/bin/python benchmarks/vllm_ttft.py                      # ~5 min on 2 cores
-    .venv/bin/python benchmarks/vllm_ttft.py --prompt-len 24576 --rounds 7
+    .venv/bin/python benchmarks/vllm_ttft.py                      # ~7 min on 2 cores
+    .venv/bin/python benchmarks/vllm_ttft.py --prompt-len 12288 --budget 2048
 
-Default model: 6 layers, hidden 192, a 12288-token prompt, budget 2048 (6 static chunks). On
+Default model: 6 layers, hidden 192, a 16384-token prompt, budget 4096 (4 static chunks; vLLM's
+own default max_num_batched_tokens for `vllm serve` on CPU with PP=2). On
 this CPU that is where attention to the prefix dominates the later chunks (DESIGN.md section 3:
 t(n, H) ~ 4 + 0.052 n + 2.6e-5 n H + 3.5e-6 n^2 ms per stage) while start-up stays ~1 min; the
 4-layer hidden-128 model is dominated by per-step overhead and shows no gain.
@@ -36,9 +37,12 @@ import time
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Best of 3 per profiling pass (as `make demo`): single passes on shared CPUs carry outliers.
+os.environ.setdefault("DCPP_PROFILE_REPEATS", "3")
 # EngineCore in this process, so the benchmark can read dcpp's scheduler state.
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
+from dcpp.chunker.calibration import repeat_noise  # noqa: E402
 from dcpp.integration.vllm import harness  # noqa: E402
 
 MODES = ("off", "pipeline", "equal_time")
@@ -50,10 +54,12 @@ def parse_args(argv=None):
     ap.add_argument("--model", help="HF checkpoint dir (default: a tiny random Llama in a tmp dir)")
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--hidden", type=int, default=192)
-    ap.add_argument("--prompt-len", type=int, default=12288)
-    ap.add_argument("--budget", type=int, default=2048, help="max_num_batched_tokens")
+    ap.add_argument("--prompt-len", type=int, default=16384)
+    ap.add_argument("--budget", type=int, default=4096,
+                    help="max_num_batched_tokens (default: vLLM 0.32's own default for "
+                         "`vllm serve` on CPU with PP=2, 2048 x world size)")
     ap.add_argument("--min-chunk", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=5, help="timed runs per mode")
+    ap.add_argument("--rounds", type=int, default=9, help="timed runs per mode")
     ap.add_argument("--cache-dir", help="profile cache (default: a fresh tmp dir)")
     ap.add_argument("--no-restart", action="store_true", help="skip the cached-profile restart")
     ap.add_argument("--json", help="write the results here")
@@ -80,6 +86,15 @@ def model_ratios(rt, prompt_len, chunks):
     best = optimal_plan(rt.model, prompt_len, spec, max_points=256, rel_tol=1e-3)
     out["dp_optimum"] = plan_cost(rt.model, best, spec.num_stages) / static
     return out
+
+
+def model_ttft(rt, chunks):
+    """Each executed plan's TTFT in seconds under the calibrated model (to compare with the
+    measured medians: which side of a ratio the model gets wrong)."""
+    from dcpp.chunker.planner import plan_cost
+
+    return {m: plan_cost(rt.model, chunks[m], rt.predictors["pipeline"].spec.num_stages)
+            for m in MODES}
 
 
 def main(argv=None) -> int:
@@ -131,13 +146,21 @@ def main(argv=None) -> int:
         "ttft": ttft,
         "best": {m: min(v) for m, v in ttft.items()},
         "median": {m: statistics.median(v) for m, v in ttft.items()},
+        # Each round runs every mode back to back: its ratio to that round's static run
+        # cancels the slow drifts of a shared machine; the median over rounds is the headline.
+        "paired_median": {m: statistics.median(a / b for a, b in zip(v, ttft["off"]))
+                          for m, v in ttft.items()},
+        "static_spread": max(ttft["off"]) / min(ttft["off"]),
         "prediction_error_median": rt.median_error(),
         "calibrator_error_median": cal.median_error() if cal is not None else None,
+        "repeat_noise": repeat_noise(list(rt.step_log)),
         "num_observations": rt.num_observations, "num_refits": rt.num_refits,
         "stage_timing": rt.stage_timing, "overhead_s": rt.overhead_s(),
         "interval_error_median": rt.stats()["median_interval_error"],
         "fit": rt.model.to_dict(),
         "model_ratios": model_ratios(rt, args.prompt_len, chunks),
+        "model_ttft": model_ttft(rt, chunks),
+        "step_log": list(rt.step_log),
     }
     harness.shutdown(llm)
     del llm
@@ -156,11 +179,14 @@ def main(argv=None) -> int:
     print(f"TTFT, prompt {args.prompt_len} tokens, PP=2 CPU, budget {args.budget}, "
           f"{args.rounds} interleaved rounds in one engine")
     print(f"{'mode':<16}{'best s':>9}{'median s':>10}{'best/static':>13}{'median/static':>15}"
-          f"{'chunks':>8}")
+          f"{'paired median':>15}{'chunks':>8}")
     for m in MODES:
         b, md = result["best"][m], result["median"][m]
         print(f"{LABEL[m]:<16}{b:>9.3f}{md:>10.3f}{b / result['best']['off']:>13.3f}"
-              f"{md / result['median']['off']:>15.3f}{len(chunks[m]):>8}")
+              f"{md / result['median']['off']:>15.3f}{result['paired_median'][m]:>15.3f}"
+              f"{len(chunks[m]):>8}")
+    print(f"(paired median: median over rounds of TTFT / the same round's static TTFT; the "
+          f"static runs alone spread {result['static_spread']:.2f}x slowest/fastest)")
     for m in MODES:
         print(f"chunks {LABEL[m]}: {chunks[m]}")
     print(f"greedy outputs identical across modes: {match}")
@@ -168,12 +194,18 @@ def main(argv=None) -> int:
           f"steps, {rt.num_refits} refits): {100 * result['prediction_error_median']:.1f}%"
           + (f" (calibrator's current model: {100 * result['calibrator_error_median']:.1f}%)"
              if result["calibrator_error_median"] is not None else ""))
+    rn = result["repeat_noise"]
+    print(f"noise floor: {rn['steps']} steps that ran the same (chunk, history) >= 3 times scatter "
+          f"{100 * rn['noise']:.1f}% (median) around their own median; against those medians the "
+          f"model is off by {100 * rn['systematic']:.1f}% ({rn['groups']} groups)")
     print(f"per-stage step timing: {rt.stage_timing}; learnt per-step overhead "
           f"{1e3 * result['overhead_s']:.2f} ms; median step-interval prediction error "
           f"{100 * result['interval_error_median']:.1f}%")
     mr = result["model_ratios"]
     print("under the calibrated model (sum(s) + (P-1)*max(s), s incl. overhead): "
-          + ", ".join(f"{k} {v:.3f}" for k, v in mr.items()) + " of static")
+          + ", ".join(f"{k} {v:.3f}" for k, v in mr.items()) + " of static; "
+          + ", ".join(f"{LABEL[m]} {result['model_ttft'][m]:.3f} s" for m in MODES)
+          + " (measured medians above)")
     if "restart" in result:
         rs = result["restart"]
         print(f"restart: profile {rs['profile_source']}, {rs['profile_passes']} profiling passes, "
