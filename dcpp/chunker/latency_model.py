@@ -83,15 +83,16 @@ def _quality(a: np.ndarray, y: np.ndarray, theta: np.ndarray, keep: np.ndarray) 
     return med, r2
 
 
-def _check_quality(med: float, r2: float, what: str) -> None:
-    if med > MAX_MEDIAN_REL_ERROR:
+def _check_quality(med: float, r2: float, what: str, max_med: float = MAX_MEDIAN_REL_ERROR,
+                   min_r2: float = MIN_R2) -> None:
+    if med > max_med:
         raise FitError(
-            f"poor {what} fit: median relative error {med:.1%} > {MAX_MEDIAN_REL_ERROR:.0%}; "
+            f"poor {what} fit: median relative error {med:.1%} > {max_med:.0%}; "
             "fix: profile with more samples, a warm-up, or check the timings are per step"
         )
-    if r2 < MIN_R2:
+    if r2 < min_r2:
         raise FitError(
-            f"poor {what} fit: R^2={r2:.3f} < {MIN_R2}; the timings barely depend on the chunk "
+            f"poor {what} fit: R^2={r2:.3f} < {min_r2}; the timings barely depend on the chunk "
             "size (noise or a constant overhead dominates); fix: profile longer chunks"
         )
 
@@ -193,13 +194,19 @@ class HistoryLatencyModel:
                                    self.delta * factor, self.c * factor, dict(self.fit_info))
 
     @classmethod
-    def fit(cls, samples: Sequence[Sample], *, form: str = "full") -> "HistoryLatencyModel":
+    def fit(cls, samples: Sequence[Sample], *, form: str = "full",
+            max_median_rel_error: float = MAX_MEDIAN_REL_ERROR,
+            min_r2: float = MIN_R2) -> "HistoryLatencyModel":
         """Fit from ``[(batch, seconds), ...]``, batch = ``[(chunk, history), ...]``.
 
         form: "full" (5 free coefficients), "ascend", "causal", or "auto": the form with the
         smallest leave-one-out median relative error (fewer coefficients win on few or noisy
-        points; the choice and every form's error land in ``fit_info``)."""
+        points; the choice and every form's error land in ``fit_info``).
+        max_median_rel_error, min_r2: quality gates (defaults for clean profiling passes; online
+        step timings on a shared machine carry more noise and pass looser ones)."""
         if form == "auto":
+            if (max_median_rel_error, min_r2) != (MAX_MEDIAN_REL_ERROR, MIN_R2):
+                raise ValueError("form='auto' uses the default quality gates")
             return cls._fit_auto(samples)
         if form not in FORMS:
             raise ValueError(f"form={form!r} is not one of {FORMS + ('auto',)}")
@@ -241,7 +248,7 @@ class HistoryLatencyModel:
                 "and histories"
             )
         med, r2 = _quality(a_mat, y, theta_f, keep)
-        _check_quality(med, r2, form)
+        _check_quality(med, r2, form, max_median_rel_error, min_r2)
         info = {"form": form, "points": len(samples), "outliers": int((~keep).sum()),
                 "median_rel_error": med, "r2": r2}
         return cls(*(float(v) for v in theta), fit_info=info)

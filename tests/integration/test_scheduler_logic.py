@@ -296,3 +296,58 @@ def test_metrics_endpoint_reports_chunks_errors_and_closes(tmp_path, monkeypatch
     again = restart(port)
     assert again is not None
     again.close()
+
+
+def test_whole_prefill_times_teach_the_per_step_cost(tmp_path, monkeypatch):
+    """Planned requests that run alone and take `extra` s per step longer than the compute
+    model's pipeline TTFT of their chunks: that is the per-step cost the planner charges, so
+    later plans use fewer chunks."""
+    from dcpp.chunker.planner import plan_cost
+    from dcpp.integration.vllm import scheduler as sched_mod
+    from dcpp.integration.vllm import vllm_compat
+
+    clock = [100.0]
+    monkeypatch.setattr(sched_mod, "time", NS(monotonic=lambda: clock[0]))
+    ex = FakeExecutor(step_timing=True)
+    rt = runtime(tmp_path, monkeypatch, executor=ex)
+    chunks_before = rt.predictors["pipeline"].plan(6000, history=0)
+    extra = 0.02
+    for k in range(4):
+        r = req(f"p{k}", 6000)
+        s = sched([r])
+        s.requests = {r.request_id: r}
+        t_first = clock[0]
+        while r.num_computed_tokens < r.num_tokens:
+            rt.begin_step(s)
+            h = r.num_computed_tokens
+            c = rt.cap(r, h, min(BUDGET, r.num_tokens - h))
+            r.num_computed_tokens += c
+            out = NS(num_scheduled_tokens={r.request_id: c})
+            rt.end_step(s, out)
+            ex.queued.append((vllm_compat.step_fingerprint(out),
+                              (true_time(c, h), 1.1 * true_time(c, h))))
+            clock[0] += 1.1 * true_time(c, h)
+            done = r.num_computed_tokens >= r.num_tokens
+            if done:  # the prefill's output: the compute model's TTFT plus `extra` per step
+                chunks = rt.chunk_log[r.request_id]
+                clock[0] = t_first + plan_cost(rt.compute_model, chunks, 2) + extra * (
+                    len(chunks) + 1)
+            rt.on_output(out, clock[0], idle=done)
+        clock[0] += 1.0
+    assert len(rt.request_gaps) == 4
+    assert rt.overhead_s() == pytest.approx(extra, rel=0.02)
+    assert rt.model.c == pytest.approx(rt.compute_model.c + extra)
+    assert len(rt.predictors["pipeline"].plan(6000, history=0)) < len(chunks_before)
+
+
+def test_online_refit_corrects_a_wrong_profile_shape(tmp_path, monkeypatch):
+    """A start-up profile with the wrong shape (4x the chunk^2 cost) is corrected by refits on
+    the real step timings; a single scale factor could not match all chunk sizes."""
+    wrong = lambda c, h: 2e-3 + 2e-6 * c + 4e-9 * c * h + 8e-9 * c * c  # noqa: E731
+    ex = FakeExecutor(fn=wrong, step_timing=True)
+    rt = runtime(tmp_path, monkeypatch, executor=ex)
+    _run_timed_steps(rt, ex, 128, 4e-3)  # real stages: 1.3 * true_time at the slowest
+    assert rt.last_refit_error is None and rt.model_base is not rt.model_base_profile
+    for c, h in [(256, 0), (704, 7680), (512, 4096), (320, 6144)]:
+        assert rt.compute_model.predict_time(c, h) == pytest.approx(1.3 * true_time(c, h),
+                                                                    rel=0.03)

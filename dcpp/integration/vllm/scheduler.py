@@ -49,6 +49,17 @@ PLAN_MODES = ("pipeline", "equal_time", "static")
 
 _MAX_LOGGED_REQUESTS = 4096
 
+REFIT_MIN_STEPS = 64
+"""Prefill step timings needed before the base model is refitted on them."""
+
+REFIT_EVERY = 32
+"""Steps between refits of the base model (each is one small least-squares fit)."""
+
+ONLINE_MAX_MEDIAN_ERROR = 0.35
+ONLINE_MIN_R2 = 0.5
+"""Quality gates of the online refit: a step's compute on a shared CPU scatters 10-20% around
+the median of the same step repeated (measured by benchmarks/vllm_ttft.py)."""
+
 STEADY = 0.10
 """Consecutive prefill steps whose slowest-stage compute differs by at most this fraction count
 as a steady pipeline (only those measure the per-step overhead)."""
@@ -116,6 +127,14 @@ class DcppRuntime:
         """Recent (step interval - slowest-stage compute) of steady steps: the engine's per-step
         overhead."""
         self._prev_measured: float | None = None
+        self._prefills: collections.OrderedDict[str, list] = collections.OrderedDict()
+        """Requests in prefill: [first chunk scheduled at (monotonic s), history at that chunk,
+        plan mode, ran alone in every step so far]."""
+        self._finishing: dict[int, list[str]] = {}
+        """id(SchedulerOutput) -> requests whose prefill ends with that step."""
+        self.request_gaps: collections.deque[float] = collections.deque(maxlen=32)
+        """Per planned request that ran alone: (measured prefill time - the compute model's TTFT
+        of its chunks) / (steps + P - 1), in s: the per-step cost the pipeline really adds."""
         self.interval_errors: collections.deque[float] = collections.deque(
             maxlen=int(cfg.calibration_window))
         self.step_log: collections.deque[tuple[list, float, float]] = collections.deque(
@@ -140,10 +159,18 @@ class DcppRuntime:
                 self.model, window=cfg.calibration_window, drift_threshold=cfg.drift_threshold
             )
             self.compute_model = self.model
-            self.model_profiled = self.model
+            self.model_base = self.model
+            self.model_base_profile = self.model
+            """The shape calibration rescales: the start-up profile, later the latest refit of
+            the profile's points plus recent step timings."""
             self.compute_scale = 1.0
             self.ratios: collections.deque[float] = collections.deque(
                 maxlen=int(cfg.calibration_window))
+            self.profile_samples = list(prof.samples)
+            self.step_samples: collections.deque[tuple[list, float]] = collections.deque(
+                maxlen=int(cfg.calibration_window))
+            """Recent prefill steps: (batch of (chunk, history), slowest-stage compute s)."""
+            self.last_refit_error: str | None = None
             self.timing.enable()
         self._build_predictors()
 
@@ -265,6 +292,7 @@ class DcppRuntime:
         now = time.monotonic()
         batch: list[tuple[int, int]] = []
         has_prefill = False
+        finishing: list[str] = []
         for rid, n in out.num_scheduled_tokens.items():
             req = scheduler.requests.get(rid)
             if req is None:
@@ -279,6 +307,10 @@ class DcppRuntime:
             if not is_prefill:
                 continue
             has_prefill = True
+            if self.cfg.need_timing and rid not in self._prefills:
+                self._prefills[rid] = [now, history, self.mode_for(req), True]
+                if len(self._prefills) > _MAX_LOGGED_REQUESTS:
+                    self._prefills.popitem(last=False)
             if self.metrics is not None:
                 self.metrics.chunk_tokens.observe(n)
             log = self.chunk_log.setdefault(rid, [])
@@ -294,19 +326,28 @@ class DcppRuntime:
                     plan.chunks = []
                     plan.pos = history + n
             if history + n >= req.num_tokens:
+                finishing.append(rid)
                 self.plans.pop(rid, None)
                 logger.debug("dcpp: request %s prefill chunks %s", rid, log)
         if self.cfg.need_timing and batch:
+            if len(batch) > 1:  # shared steps: these requests' prefill times are not their own
+                for rid in out.num_scheduled_tokens:
+                    if rid in self._prefills:
+                        self._prefills[rid][3] = False
+            if finishing:
+                self._finishing[id(out)] = finishing
             sent = self.timing.track(out, batch, has_prefill)
             self.pending[id(out)] = (now, batch, has_prefill, sent)
             if len(self.pending) > 64:  # outputs that never came back (should not happen)
                 for k in list(self.pending)[:-64]:
                     del self.pending[k]
+                    self._finishing.pop(k, None)
 
     def on_output(self, scheduler_output: Any, t_out: float, idle: bool = False) -> None:
         if not self.cfg.need_timing:
             return
         entry = self.pending.pop(id(scheduler_output), None)
+        done = self._finishing.pop(id(scheduler_output), None)
         last, self.last_output_t = self.last_output_t, t_out
         if entry is not None and self.model is not None:
             t_sched, batch, has_prefill = entry[:3]
@@ -316,6 +357,32 @@ class DcppRuntime:
                 self._observe_interval(batch, t_out - last, entry[3] if len(entry) > 3 else None)
         if self.stage_timing:
             self.timing.poll(idle, self._observe_stage_time)
+        if done:
+            self._observe_requests(done, t_out)
+
+    def _observe_requests(self, request_ids: list[str], t_out: float) -> None:
+        """Compare each finished prefill's measured time with the compute model's TTFT of the
+        chunks it ran: the difference per step is what the planner must charge for every extra
+        chunk (engine turnaround, hand-offs, stage imbalance and jitter in a pipeline of short
+        steps), which per-step compute timings cannot see."""
+        from dcpp.chunker.planner import plan_cost
+
+        for rid in request_ids:
+            info = self._prefills.pop(rid, None)
+            chunks = self.chunk_log.get(rid, [])
+            if info is None or self.compute_model is None:
+                continue
+            t_first, history, mode, alone = info
+            if not alone or mode == PLAN_OFF or len(chunks) < 4:
+                continue
+            model_s = plan_cost(self.compute_model, chunks, self.num_stages, history=history)
+            self.request_gaps.append(
+                (t_out - t_first - model_s) / (len(chunks) + self.num_stages - 1))
+        planning = self._planning_model()
+        if planning is not None and planning != self.model:
+            self.set_model(planning)
+        if self.metrics is not None:
+            self.metrics.overhead.set(self.overhead_s())
 
     def _observe_interval(self, batch: list, elapsed: float, sent: SentStep | None) -> None:
         predicted = float(self.model.predict_batch(batch))
@@ -375,14 +442,23 @@ class DcppRuntime:
         self._observe_compute(batch, measured)
 
     def _observe_compute(self, batch: list, measured: float) -> None:
-        """Calibrate on one step's slowest-stage compute. The start-up profile (clean,
-        best-of-N passes over the whole (chunk, history) range) keeps its shape; the online
-        timings, noisy on a shared machine and clustered where requests actually run, only
-        rescale it: the model in use is the profile times the median measured/predicted ratio
-        of the recent steps (a full 5-coefficient refit from a few noisy steps extrapolates
-        badly and, with drift detection, thrashes)."""
-        base = float(self.model_profiled.predict_batch(batch))
+        """Calibrate on one step's slowest-stage compute, in two time scales.
+
+        Fast: the model in use is a base model times the median measured/predicted ratio of
+        the recent steps (tracks a machine that got slower within a few steps).
+        Slow: every `REFIT_EVERY` steps, once `REFIT_MIN_STEPS` were seen, the base model is
+        refitted on the start-up profile's points plus the recent step timings. A profile of
+        16 passes on a noisy machine can get the shape wrong (e.g. twice the cost of a
+        4096-token chunk); real steps, hundreds of them where requests actually run, correct
+        it, while the profile's points keep the fit sane where no request has run yet. Step
+        timings are noisier than best-of-N profiling passes, hence looser quality gates; a
+        rejected refit keeps the current model."""
         self.num_observations += 1
+        self.step_samples.append((list(batch), float(measured)))
+        if (len(self.step_samples) >= REFIT_MIN_STEPS
+                and self.num_observations % REFIT_EVERY == 0):
+            self._refit_base()
+        base = float(self.model_base.predict_batch(batch))
         if base <= 0:
             return
         self.ratios.append(measured / base)
@@ -391,7 +467,7 @@ class DcppRuntime:
         scale = statistics.median(self.ratios)
         if abs(scale / self.compute_scale - 1.0) > 0.01:
             self.compute_scale = scale
-            self.compute_model = self.model_profiled.scaled(scale)
+            self.compute_model = self.model_base.scaled(scale)
             self.num_refits += 1
             if self.metrics is not None:
                 self.metrics.scale.set(scale)
@@ -404,8 +480,38 @@ class DcppRuntime:
                         "profile x %.3f; per-step overhead %.2f ms", 100 * self.median_error(),
                         len(self.errors), self.compute_scale, 1e3 * self.overhead_s())
 
+    def _refit_base(self) -> None:
+        from dcpp.chunker.latency_model import FitError, HistoryLatencyModel
+
+        samples = self.profile_samples + list(self.step_samples)
+        try:
+            fit = HistoryLatencyModel.fit(samples, form="full",
+                                          max_median_rel_error=ONLINE_MAX_MEDIAN_ERROR,
+                                          min_r2=ONLINE_MIN_R2)
+        except FitError as exc:
+            self.last_refit_error = str(exc)
+            logger.debug("dcpp: online refit rejected (%s); keeping the current model", exc)
+            return
+        self.last_refit_error = None
+        self.model_base = fit
+        self.compute_scale = 1.0
+        self.compute_model = fit
+        self.ratios.clear()
+        self.num_refits += 1
+        if self.metrics is not None:
+            self.metrics.scale.set(1.0)
+        logger.debug("dcpp: refitted the latency model on %d profile points + %d step timings: "
+                     "%s", len(self.profile_samples), len(self.step_samples), _fit_repr(fit))
+        planning = self._planning_model()
+        if planning != self.model:
+            self.set_model(planning)
+
     def overhead_s(self) -> float:
-        """Median per-step overhead beyond the slowest stage's compute (>= 0)."""
+        """Per-step cost beyond the slowest stage's compute (s, >= 0): from whole prefills
+        once 3 planned requests ran alone (what TTFT really pays per chunk), else from steady
+        step intervals."""
+        if len(self.request_gaps) >= 3:
+            return max(0.0, statistics.median(self.request_gaps))
         return max(0.0, statistics.median(self.overheads)) if self.overheads else 0.0
 
     def _planning_model(self) -> Any:
@@ -433,6 +539,7 @@ class DcppRuntime:
     def forget(self, request_ids: Any) -> None:
         for rid in request_ids:
             self.plans.pop(rid, None)
+            self._prefills.pop(rid, None)
 
     def stats(self) -> dict:
         return {

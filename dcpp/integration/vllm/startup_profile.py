@@ -64,6 +64,8 @@ class StartupProfile:
     """Profile cache file (whether or not it exists)."""
     passes: int
     """Profiling forward passes run now (0 when loaded from the cache)."""
+    samples: list = dataclasses.field(default_factory=list)
+    """The profile's points as [([(chunk, history)], seconds), ...] (online refits reuse them)."""
 
 
 def cache_key(vllm_config: Any, cfg: Any) -> dict:
@@ -100,6 +102,7 @@ def load_or_profile(vllm_config: Any, cfg: Any, executor: Any | None) -> Startup
         try:
             prof = Profile.load(path)
             result.model = prof.model
+            result.samples = _samples(prof)
             result.source = "cache"
             logger.info("dcpp: profile loaded from %s (0 profiling passes)", path)
             _log_fit(prof, limits, cfg.plan_mode)
@@ -140,6 +143,7 @@ def load_or_profile(vllm_config: Any, cfg: Any, executor: Any | None) -> Startup
         return result
     result.passes = passes[0]
     result.model = prof.model
+    result.samples = _samples(prof)
     result.source = "profiled"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -149,6 +153,10 @@ def load_or_profile(vllm_config: Any, cfg: Any, executor: Any | None) -> Startup
         logger.warning("dcpp: could not save profile to %s (%s)", path, exc)
     _log_fit(prof, limits, cfg.plan_mode)
     return result
+
+
+def _samples(prof: Any) -> list:
+    return [([(int(c), int(h))], float(t)) for c, h, t in prof.samples]
 
 
 def _profile(vllm_config: Any, cfg: Any, limits: EngineLimits, executor: Any, key: dict,
