@@ -117,3 +117,24 @@ def test_llm_constructor_fails_fast_on_pp1(tiny_checkpoint):
             additional_config={"profiling_chunk_config": {"enabled": True}})
     assert time.monotonic() - t0 < 30
     assert {p.pid for p in lib.descendants()} <= before
+
+
+def test_async_scheduling_gets_the_async_scheduler(tiny_checkpoint):
+    """vLLM 0.32 forces async scheduling off for PP on CPU (the config above); where it stays on
+    (GPU executors), dcpp must install its async variant, which keeps vLLM's AsyncScheduler and
+    the per-request hook."""
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+
+    from dcpp.integration.vllm import ASYNC_SCHEDULER_CLS, vllm_compat
+    from dcpp.integration.vllm.plugin import configure_engine
+    from dcpp.integration.vllm.scheduler import DcppAsyncScheduler
+
+    cfg = engine_config(tiny_checkpoint, max_num_batched_tokens=2048,
+                        additional_config={"profiling_chunk_config": {"enabled": True}})
+    assert cfg.scheduler_config.async_scheduling is False  # CPU + PP: vLLM's own decision
+    cfg.scheduler_config.async_scheduling = True  # as on a GPU executor that supports it
+    cfg.scheduler_config.scheduler_cls = None
+    configure_engine(cfg, None)
+    assert cfg.scheduler_config.scheduler_cls == ASYNC_SCHEDULER_CLS
+    assert issubclass(DcppAsyncScheduler, AsyncScheduler)
+    vllm_compat.check_scheduler_hook(DcppAsyncScheduler)  # raises if the hook is missing
