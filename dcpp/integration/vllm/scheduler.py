@@ -160,9 +160,9 @@ class DcppRuntime:
             )
             self.compute_model = self.model
             self.model_base = self.model
-            self.model_base_profile = self.model
             """The shape calibration rescales: the start-up profile, later the latest refit of
             the profile's points plus recent step timings."""
+            self.model_base_profile = self.model
             self.compute_scale = 1.0
             self.ratios: collections.deque[float] = collections.deque(
                 maxlen=int(cfg.calibration_window))
@@ -378,9 +378,7 @@ class DcppRuntime:
             model_s = plan_cost(self.compute_model, chunks, self.num_stages, history=history)
             self.request_gaps.append(
                 (t_out - t_first - model_s) / (len(chunks) + self.num_stages - 1))
-        planning = self._planning_model()
-        if planning is not None and planning != self.model:
-            self.set_model(planning)
+        self._refresh_planning_model()
         if self.metrics is not None:
             self.metrics.overhead.set(self.overhead_s())
 
@@ -471,13 +469,11 @@ class DcppRuntime:
             self.num_refits += 1
             if self.metrics is not None:
                 self.metrics.scale.set(scale)
-            logger.debug("dcpp: recalibrated: profile x %.3f", scale)
-        planning = self._planning_model()
-        if planning != self.model:
-            self.set_model(planning)
+            logger.debug("dcpp: recalibrated: base model x %.3f", scale)
+        self._refresh_planning_model()
         if self.num_observations % 50 == 0:
             logger.info("dcpp: median chunk-latency prediction error %.1f%% over last %d steps; "
-                        "profile x %.3f; per-step overhead %.2f ms", 100 * self.median_error(),
+                        "base model x %.3f; per-step overhead %.2f ms", 100 * self.median_error(),
                         len(self.errors), self.compute_scale, 1e3 * self.overhead_s())
 
     def _refit_base(self) -> None:
@@ -502,9 +498,7 @@ class DcppRuntime:
             self.metrics.scale.set(1.0)
         logger.debug("dcpp: refitted the latency model on %d profile points + %d step timings: "
                      "%s", len(self.profile_samples), len(self.step_samples), _fit_repr(fit))
-        planning = self._planning_model()
-        if planning != self.model:
-            self.set_model(planning)
+        self._refresh_planning_model()
 
     def overhead_s(self) -> float:
         """Per-step cost beyond the slowest stage's compute (s, >= 0): from whole prefills
@@ -524,6 +518,11 @@ class DcppRuntime:
         if over <= 0:
             return m
         return dataclasses.replace(m, c=m.c + over)
+
+    def _refresh_planning_model(self) -> None:
+        planning = self._planning_model()
+        if planning is not None and planning != self.model:
+            self.set_model(planning)
 
     def median_error(self) -> float:
         """Median |predicted / measured - 1| of the recent steps, each predicted with the model
@@ -635,7 +634,6 @@ class _DcppMixin:
         if rt is not None and rt.plans:
             rt.forget([rid for rid in rt.plans if rid not in self.requests])
         return result
-
 
     def shutdown(self) -> None:
         try:
