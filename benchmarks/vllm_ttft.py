@@ -76,18 +76,6 @@ def run(llm, tokens, mode, max_tokens=1):
     return harness.timed_generate(llm, tokens, max_tokens=max_tokens, plan=mode)
 
 
-def model_ratios(rt, prompt_len, chunks):
-    """Each executed plan's predicted TTFT, and the DP optimum's, relative to static."""
-    from dcpp.chunker.planner import optimal_plan, plan_cost
-
-    spec = rt.predictors["pipeline"].spec
-    static = plan_cost(rt.model, chunks["off"], spec.num_stages)
-    out = {m: plan_cost(rt.model, chunks[m], spec.num_stages) / static for m in MODES}
-    best = optimal_plan(rt.model, prompt_len, spec, max_points=256, rel_tol=1e-3)
-    out["dp_optimum"] = plan_cost(rt.model, best, spec.num_stages) / static
-    return out
-
-
 def model_ttft(rt, chunks):
     """Each executed plan's TTFT in seconds under the calibrated model (to compare with the
     measured medians: which side of a ratio the model gets wrong)."""
@@ -95,6 +83,18 @@ def model_ttft(rt, chunks):
 
     return {m: plan_cost(rt.model, chunks[m], rt.predictors["pipeline"].spec.num_stages)
             for m in MODES}
+
+
+def model_ratios(rt, prompt_len, ttft):
+    """Each executed plan's predicted TTFT (``ttft``, from `model_ttft`), and the DP optimum's,
+    relative to static."""
+    from dcpp.chunker.planner import optimal_plan, plan_cost
+
+    spec = rt.predictors["pipeline"].spec
+    out = {m: ttft[m] / ttft["off"] for m in MODES}
+    best = optimal_plan(rt.model, prompt_len, spec, max_points=256, rel_tol=1e-3)
+    out["dp_optimum"] = plan_cost(rt.model, best, spec.num_stages) / ttft["off"]
+    return out
 
 
 def main(argv=None) -> int:
@@ -158,10 +158,10 @@ def main(argv=None) -> int:
         "stage_timing": rt.stage_timing, "overhead_s": rt.overhead_s(),
         "interval_error_median": rt.stats()["median_interval_error"],
         "fit": rt.model.to_dict(),
-        "model_ratios": model_ratios(rt, args.prompt_len, chunks),
         "model_ttft": model_ttft(rt, chunks),
         "step_log": list(rt.step_log),
     }
+    result["model_ratios"] = model_ratios(rt, args.prompt_len, result["model_ttft"])
     harness.shutdown(llm)
     del llm
 

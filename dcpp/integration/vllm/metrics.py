@@ -30,7 +30,7 @@ class DcppMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.chunk_tokens = Histogram(
-            "dcpp_prefill_chunk_tokens", "Prefill chunk sizes dcpp scheduled (tokens).",
+            "dcpp_prefill_chunk_tokens", "Prefill chunk sizes scheduled (tokens).",
             buckets=CHUNK_BUCKETS, registry=r)
         self.prediction_error = Histogram(
             "dcpp_chunk_latency_prediction_error",
