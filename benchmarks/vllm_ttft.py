@@ -97,6 +97,20 @@ def model_ratios(rt, prompt_len, ttft):
     return out
 
 
+def paired_ci(values, static, level=0.90):
+    """Bootstrap interval (percentile, over rounds) of the median per-round ratio
+    values[i] / static[i]: how far the headline could move with other rounds of this noise."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    ratios = np.asarray(values) / np.asarray(static)
+    if len(ratios) < 3:
+        return (float("nan"), float("nan"))
+    ci = bootstrap((ratios,), np.median, confidence_level=level, method="percentile",
+                   n_resamples=2000, random_state=0).confidence_interval
+    return (float(ci.low), float(ci.high))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.max_model_len = args.prompt_len + 64
@@ -150,6 +164,7 @@ def main(argv=None) -> int:
         # cancels the slow drifts of a shared machine; the median over rounds is the headline.
         "paired_median": {m: statistics.median(a / b for a, b in zip(v, ttft["off"]))
                           for m, v in ttft.items()},
+        "paired_ci90": {m: paired_ci(v, ttft["off"]) for m, v in ttft.items() if m != "off"},
         "static_spread": max(ttft["off"]) / min(ttft["off"]),
         "prediction_error_median": rt.median_error(),
         "calibrator_error_median": cal.median_error() if cal is not None else None,
@@ -171,7 +186,15 @@ def main(argv=None) -> int:
         rt2 = harness.dcpp_runtime(llm)
         result["restart"] = {"startup_s": time.perf_counter() - t0,
                              "profile_source": rt2.profile_source,
-                             "profile_passes": rt2.num_profile_passes}
+                             "profile_passes": rt2.num_profile_passes,
+                             "calibration_steps": len(rt2.step_samples),
+                             "overhead_s": rt2.overhead_s()}
+        # The restarted engine's first planned request: planned from the saved calibration,
+        # it should look like the last timed rounds' plan, not like the bare profile's.
+        secs, _, rid = run(llm, tokens, "pipeline")
+        result["restart"]["first_ttft"] = secs
+        result["restart"]["first_chunks"] = harness.chunks_of(rt2, rid)
+        result["restart"]["first_error"] = rt2.median_error()
         harness.shutdown(llm)
         del llm
 
@@ -187,6 +210,8 @@ def main(argv=None) -> int:
               f"{len(chunks[m]):>8}")
     print(f"(paired median: median over rounds of TTFT / the same round's static TTFT; the "
           f"static runs alone spread {result['static_spread']:.2f}x slowest/fastest)")
+    print("90% bootstrap interval of the paired median: " + ", ".join(
+        f"{LABEL[m]} {lo:.3f}-{hi:.3f}" for m, (lo, hi) in result["paired_ci90"].items()))
     for m in MODES:
         print(f"chunks {LABEL[m]}: {chunks[m]}")
     print(f"greedy outputs identical across modes: {match}")
@@ -209,7 +234,11 @@ def main(argv=None) -> int:
     if "restart" in result:
         rs = result["restart"]
         print(f"restart: profile {rs['profile_source']}, {rs['profile_passes']} profiling passes, "
-              f"start-up {rs['startup_s']:.1f} s")
+              f"start-up {rs['startup_s']:.1f} s; calibration loaded: {rs['calibration_steps']} "
+              f"step timings, overhead {1e3 * rs['overhead_s']:.2f} ms; first dcpp-default "
+              f"request {rs['first_ttft']:.3f} s in {len(rs['first_chunks'])} chunks (last timed "
+              f"round before the restart: {len(chunks['pipeline'])}), its median prediction "
+              f"error {100 * rs['first_error']:.1f}%")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

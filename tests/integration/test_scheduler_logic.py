@@ -351,3 +351,72 @@ def test_online_refit_corrects_a_wrong_profile_shape(tmp_path, monkeypatch):
     for c, h in [(256, 0), (704, 7680), (512, 4096), (320, 6144)]:
         assert rt.compute_model.predict_time(c, h) == pytest.approx(1.3 * true_time(c, h),
                                                                     rel=0.03)
+
+
+def test_restart_starts_from_the_saved_calibration(tmp_path, monkeypatch):
+    """What calibration learnt (refit window, per-step overhead) is saved at shutdown beside the
+    profile; a restart with the same cache key loads it and plans like the engine it replaces,
+    without profiling and without waiting for new step timings."""
+    from dcpp.integration.vllm import calibration_store
+
+    wrong = lambda c, h: 2e-3 + 2e-6 * c + 4e-9 * c * h + 8e-9 * c * c  # noqa: E731
+    ex = FakeExecutor(fn=wrong, step_timing=True)
+    rt = runtime(tmp_path, monkeypatch, executor=ex)
+    overhead = 4e-3
+    _run_timed_steps(rt, ex, 96, overhead)
+    rt.close()
+    path = calibration_store.path_for(rt.profile_path)
+    assert rt.overhead_s() == pytest.approx(overhead, rel=0.05)
+
+    ex2 = FakeExecutor(fn=wrong, step_timing=True)
+    rt2 = runtime(tmp_path, monkeypatch, executor=ex2)
+    assert rt2.profile_source == "cache" and ex2.calls == 0
+    assert len(rt2.step_samples) == 96 and rt2.num_observations == 0
+    assert rt2.overhead_s() == pytest.approx(rt.overhead_s())
+    assert rt2.model.c == pytest.approx(rt2.compute_model.c + overhead, rel=0.05)
+    for c, h in [(256, 0), (704, 7680), (512, 4096)]:  # the profile's shape is corrected
+        assert rt2.compute_model.predict_time(c, h) == pytest.approx(1.3 * true_time(c, h),
+                                                                     rel=0.03)
+    assert rt2.predictors["pipeline"].plan(6000) == rt.predictors["pipeline"].plan(6000)
+    rt2.close()
+
+    # Re-profiling (the profile file gone) makes the calibration obsolete: it is removed.
+    import os
+
+    os.unlink(rt.profile_path)
+    rt3 = runtime(tmp_path, monkeypatch, executor=FakeExecutor(fn=wrong, step_timing=True))
+    assert rt3.profile_source == "profiled" and not os.path.exists(path)
+    assert len(rt3.step_samples) == 0 and rt3.overhead_s() == 0.0
+
+
+@pytest.mark.parametrize("damage", ["not json", "other key", "other profile", "bad sample"])
+def test_unusable_calibration_file_is_ignored_with_a_warning(tmp_path, monkeypatch, caplog,
+                                                             damage):
+    import json
+    import logging
+
+    from dcpp.integration.vllm import calibration_store
+
+    ex = FakeExecutor(step_timing=True)
+    rt = runtime(tmp_path, monkeypatch, executor=ex)
+    _run_timed_steps(rt, ex, 16, 4e-3)
+    rt.close()
+    path = calibration_store.path_for(rt.profile_path)
+    doc = json.loads(open(path).read())
+    if damage == "not json":
+        text = "{"
+    else:
+        if damage == "other key":
+            doc["cache_key"]["max_model_len"] = 1
+        elif damage == "other profile":
+            doc["profile_digest"] = "0" * 16
+        else:
+            doc["step_samples"][3][1] = -1.0
+        text = json.dumps(doc)
+    with open(path, "w") as f:
+        f.write(text)
+    with caplog.at_level(logging.WARNING, logger="vllm.dcpp"):
+        rt2 = runtime(tmp_path, monkeypatch, executor=FakeExecutor(step_timing=True))
+    assert "ignoring calibration file" in caplog.text
+    assert rt2.profile_source == "cache" and rt2.model is not None
+    assert len(rt2.step_samples) == 0 and rt2.overhead_s() == 0.0

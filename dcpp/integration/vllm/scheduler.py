@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import dataclasses
 import logging
+import os
 import statistics
 import time
 from typing import Any
@@ -30,7 +32,7 @@ from typing import Any
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from dcpp.integration.vllm import vllm_compat
+from dcpp.integration.vllm import calibration_store, vllm_compat
 from dcpp.integration.vllm.metrics import start_metrics
 from dcpp.integration.vllm.stage_timing import SentStep, StageTiming
 from dcpp.integration.vllm.startup_profile import EngineLimits, load_or_profile
@@ -172,6 +174,7 @@ class DcppRuntime:
             """Recent prefill steps: (batch of (chunk, history), slowest-stage compute s)."""
             self.last_refit_error: str | None = None
             self.timing.enable()
+            self._restore_calibration(prof)
         self._build_predictors()
 
     @property
@@ -499,6 +502,65 @@ class DcppRuntime:
         logger.debug("dcpp: refitted the latency model on %d profile points + %d step timings: "
                      "%s", len(self.profile_samples), len(self.step_samples), _fit_repr(fit))
         self._refresh_planning_model()
+        if time.monotonic() - self._saved_at >= calibration_store.SAVE_EVERY_S:
+            self.save_calibration()
+
+    # ------------------------------------------------------------------ persisted calibration
+
+    def _restore_calibration(self, prof: Any) -> None:
+        """Start from what the previous engine with this profile learnt (`calibration_store`)."""
+        self._calibration_path = (calibration_store.path_for(prof.path)
+                                  if prof.path and prof.source != "none" else None)
+        self._profile_digest = calibration_store.profile_digest(self.profile_samples)
+        self._saved_at = time.monotonic()
+        self._save_warned = False
+        if self._calibration_path is None:
+            return
+        if prof.source == "profiled" and os.path.exists(self._calibration_path):
+            # Learnt on the profile this one replaces: obsolete.
+            logger.info("dcpp: removing %s (learnt on an earlier profile)",
+                        self._calibration_path)
+            with contextlib.suppress(OSError):
+                os.unlink(self._calibration_path)
+            return
+        try:
+            state = calibration_store.load(self._calibration_path, cache_key=self.cache_key(),
+                                           digest=self._profile_digest)
+        except (OSError, ValueError) as exc:
+            logger.warning("dcpp: ignoring calibration file %s (%s); calibrating afresh",
+                           self._calibration_path, exc)
+            return
+        if not state:
+            return
+        self.step_samples.extend(state.step_samples)
+        self.request_gaps.extend(state.request_gaps)
+        self.overheads.extend(state.overheads)
+        if len(self.step_samples) >= REFIT_MIN_STEPS:
+            self._refit_base()
+        self.model = self._planning_model()
+        logger.info("dcpp: calibration loaded from %s (%d step timings, %d whole prefills); "
+                    "per-step overhead %.2f ms; model %s", self._calibration_path,
+                    len(state.step_samples), len(state.request_gaps), 1e3 * self.overhead_s(),
+                    _fit_repr(self.model))
+
+    def save_calibration(self) -> None:
+        """Write what calibration learnt beside the profile (a warning, once, if it cannot)."""
+        path = getattr(self, "_calibration_path", None)
+        if path is None:
+            return
+        state = calibration_store.CalibrationState(
+            list(self.step_samples), list(self.request_gaps), list(self.overheads))
+        if not state:
+            return
+        self._saved_at = time.monotonic()
+        try:
+            calibration_store.save(path, state, cache_key=self.cache_key(),
+                                   digest=self._profile_digest)
+        except OSError as exc:
+            if not self._save_warned:
+                self._save_warned = True
+                logger.warning("dcpp: could not save calibration to %s (%s); a restart will "
+                               "calibrate afresh", path, exc)
 
     def overhead_s(self) -> float:
         """Per-step cost beyond the slowest stage's compute (s, >= 0): from whole prefills
@@ -530,7 +592,9 @@ class DcppRuntime:
         return statistics.median(self.errors) if self.errors else float("nan")
 
     def close(self) -> None:
-        """Release what the runtime holds outside Python objects (the metrics port)."""
+        """Save what calibration learnt; release what the runtime holds outside Python objects
+        (the metrics port)."""
+        self.save_calibration()
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
