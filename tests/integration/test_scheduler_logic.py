@@ -364,8 +364,11 @@ def test_restart_starts_from_the_saved_calibration(tmp_path, monkeypatch):
     rt = runtime(tmp_path, monkeypatch, executor=ex)
     overhead = 4e-3
     _run_timed_steps(rt, ex, 96, overhead)
-    rt.close()
     path = calibration_store.path_for(rt.profile_path)
+    import os
+
+    assert os.path.exists(path)  # saved when the engine went idle, before any shutdown
+    rt.close()
     assert rt.overhead_s() == pytest.approx(overhead, rel=0.05)
 
     ex2 = FakeExecutor(fn=wrong, step_timing=True)
@@ -381,8 +384,6 @@ def test_restart_starts_from_the_saved_calibration(tmp_path, monkeypatch):
     rt2.close()
 
     # Re-profiling (the profile file gone) makes the calibration obsolete: it is removed.
-    import os
-
     os.unlink(rt.profile_path)
     rt3 = runtime(tmp_path, monkeypatch, executor=FakeExecutor(fn=wrong, step_timing=True))
     assert rt3.profile_source == "profiled" and not os.path.exists(path)

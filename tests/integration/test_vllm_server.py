@@ -52,7 +52,10 @@ def post(url: str, payload: dict, timeout: float = 120.0) -> dict:
 def server(tiny_checkpoint, profile_cache_dir, tmp_path_factory):
     port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    cached_before = sorted(p.name for p in profile_cache_dir.glob("*.json"))
+    cached = sorted(p.name for p in profile_cache_dir.glob("*.json"))
+    cached_before = [n for n in cached if not n.endswith(".calibration.json")]
+    calibrated_before = [n for n in cached if n.endswith(".calibration.json")]
+    started = time.time()
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(tiny_checkpoint),
@@ -86,7 +89,8 @@ def server(tiny_checkpoint, profile_cache_dir, tmp_path_factory):
                                    + log_path.read_text()[-4000:])
             time.sleep(1.0)
         yield {"base": base, "proc": proc, "log": log_path, "cached_before": cached_before,
-               "model": str(tiny_checkpoint)}
+               "calibrated_before": calibrated_before,
+               "model": str(tiny_checkpoint), "cache_dir": profile_cache_dir, "started": started}
     finally:
         if proc.poll() is None:
             lib.stop_process_tree(proc, signal.SIGINT, timeout=60)
@@ -114,6 +118,9 @@ def test_server_uses_dcpp_and_answers_completion(server):
         assert "dcpp: profiled" not in text
     else:
         assert "dcpp: profile saved to" in text, text[-3000:]
+    if server["calibrated_before"]:
+        # ... and starts from what the engine before it learnt (saved at its shutdown).
+        assert "dcpp: calibration loaded from" in text, text[-3000:]
 
 
 def test_server_shuts_down_cleanly_on_sigint(server):
@@ -121,3 +128,8 @@ def test_server_shuts_down_cleanly_on_sigint(server):
     killed = lib.stop_process_tree(proc, signal.SIGINT, timeout=60)
     assert proc.poll() is not None, "server still running 60 s after SIGINT"
     assert not killed, f"processes survived the server's shutdown and were killed: {killed}"
+    # The engine saved its calibration for the next start-up when it went idle after the
+    # completion (at shutdown vLLM's API server kills the engine core: no chance there).
+    saved = list(server["cache_dir"].glob("*.calibration.json"))
+    assert saved and max(p.stat().st_mtime for p in saved) >= server["started"], (
+        server["log"].read_text()[-3000:])

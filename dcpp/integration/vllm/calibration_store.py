@@ -29,8 +29,12 @@ from typing import Any
 
 FORMAT = 1
 
+SAVE_IDLE_S = 5.0
+"""The state is written when the engine goes idle with something new, at most this often."""
+
 SAVE_EVERY_S = 60.0
-"""While serving, the state is written after a refit at most this often (and at shutdown)."""
+"""A busy engine writes it after a refit at most this often (and at shutdown, where vLLM lets
+the engine core shut down: its API server kills it unless --shutdown-timeout is set)."""
 
 
 @dataclasses.dataclass

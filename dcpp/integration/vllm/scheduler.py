@@ -362,6 +362,11 @@ class DcppRuntime:
             self.timing.poll(idle, self._observe_stage_time)
         if done:
             self._observe_requests(done, t_out)
+        if (idle and getattr(self, "_unsaved", False)
+                and time.monotonic() - self._saved_at >= calibration_store.SAVE_IDLE_S):
+            # vLLM's API server kills the engine core at shutdown (unless --shutdown-timeout
+            # is set), so an idle engine is where the state reliably gets to disk.
+            self.save_calibration()
 
     def _observe_requests(self, request_ids: list[str], t_out: float) -> None:
         """Compare each finished prefill's measured time with the compute model's TTFT of the
@@ -381,6 +386,7 @@ class DcppRuntime:
             model_s = plan_cost(self.compute_model, chunks, self.num_stages, history=history)
             self.request_gaps.append(
                 (t_out - t_first - model_s) / (len(chunks) + self.num_stages - 1))
+            self._unsaved = True
         self._refresh_planning_model()
         if self.metrics is not None:
             self.metrics.overhead.set(self.overhead_s())
@@ -456,6 +462,7 @@ class DcppRuntime:
         rejected refit keeps the current model."""
         self.num_observations += 1
         self.step_samples.append((list(batch), float(measured)))
+        self._unsaved = True
         if (len(self.step_samples) >= REFIT_MIN_STEPS
                 and self.num_observations % REFIT_EVERY == 0):
             self._refit_base()
@@ -512,7 +519,8 @@ class DcppRuntime:
         self._calibration_path = (calibration_store.path_for(prof.path)
                                   if prof.path and prof.source != "none" else None)
         self._profile_digest = calibration_store.profile_digest(self.profile_samples)
-        self._saved_at = time.monotonic()
+        self._saved_at = float("-inf")  # monotonic s of the last save (none yet)
+        self._unsaved = False
         self._save_warned = False
         if self._calibration_path is None:
             return
@@ -553,6 +561,7 @@ class DcppRuntime:
         if not state:
             return
         self._saved_at = time.monotonic()
+        self._unsaved = False
         try:
             calibration_store.save(path, state, cache_key=self.cache_key(),
                                    digest=self._profile_digest)
