@@ -7,6 +7,12 @@ prompt once (a few ms for long prompts), caches every boundary of the plan under
 well under a millisecond. A call at a history that is not a cached boundary (the scheduler
 ran a smaller chunk, or a prefix-cache hit) re-plans from there. While no latency model is
 available the answer is vLLM's static size.
+
+After a model update (online calibration) a prompt keeps its previous pipeline plan while that
+plan stays within `PLAN_HYSTERESIS` of the new optimum under the new model: refits on noisy step
+timings move the optimum among plans of nearly equal cost, and following every such move makes
+the chunking erratic (12 chunks one request, 40 the next, on vLLM's CPU build) without making it
+faster.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from dcpp.chunker.planner import (
     PlanSpec,
     default_plan,
     equal_time_target,
+    plan_cost,
     rule_chunk,
     static_plan,
 )
@@ -25,6 +32,13 @@ from dcpp.config import ProfilingChunkConfig
 
 MAX_CACHED_BOUNDARIES = 65536
 """Bound on cached (history, total) -> chunk entries (LRU)."""
+
+PLAN_HYSTERESIS = 0.02
+"""A new model replaces a prompt's previous pipeline plan only if that plan's predicted TTFT
+exceeds the new optimum's by more than this fraction."""
+
+MAX_REMEMBERED_PLANS = 1024
+"""Bound on the (prompt length, history) -> last plan entries the hysteresis keeps (LRU)."""
 
 
 class ChunkPredictor:
@@ -46,6 +60,8 @@ class ChunkPredictor:
         )
         self._model: HistoryLatencyModel | None = None
         self._cache: OrderedDict[tuple[int, int], int] = OrderedDict()
+        self._last_plans: OrderedDict[tuple[int, int], list[int]] = OrderedDict()
+        """(prompt length, history) -> the pipeline plan last returned (kept across models)."""
         self.set_model(model)
 
     # ----------------------------------------------------------------------------------------
@@ -102,4 +118,18 @@ class ChunkPredictor:
         """Whole chunk plan of ``prompt_len`` tokens after ``history`` cached ones."""
         if self.is_static:
             return static_plan(prompt_len, self.spec, history)
-        return default_plan(self._model, prompt_len, self.spec, history, mode=self.config.plan_mode)
+        plan = default_plan(self._model, prompt_len, self.spec, history, mode=self.config.plan_mode)
+        if self.config.plan_mode != "pipeline":
+            return plan
+        key = (prompt_len, history)
+        old = self._last_plans.get(key)
+        if old is not None and old != plan:
+            p = self.spec.num_stages
+            if (plan_cost(self._model, old, p, history)
+                    <= (1.0 + PLAN_HYSTERESIS) * plan_cost(self._model, plan, p, history)):
+                plan = old
+        self._last_plans[key] = plan
+        self._last_plans.move_to_end(key)
+        while len(self._last_plans) > MAX_REMEMBERED_PLANS:
+            self._last_plans.popitem(last=False)
+        return list(plan)

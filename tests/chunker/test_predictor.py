@@ -91,3 +91,34 @@ def test_clamps_and_bad_inputs():
                        num_stages=2)
     with pytest.raises(ValueError, match="HistoryLatencyModel"):
         pred.set_model("model")
+
+
+def test_small_model_updates_keep_the_plan_large_ones_replace_it():
+    """A refit that moves the optimum among plans of nearly equal cost keeps the prompt's
+    previous plan (stable chunking); one that makes the old plan clearly worse replaces it."""
+    import dataclasses
+
+    from dcpp.chunker.planner import default_plan, plan_cost
+
+    pred = _make()
+    n = 131072
+    first = pred.plan(n)
+    nudged = dataclasses.replace(LLAMA8B_P4, c=3 * LLAMA8B_P4.c)
+    optimum = default_plan(nudged, n, pred.spec)
+    assert optimum != first  # the new model's optimum differs, by little
+    assert plan_cost(nudged, first, 4) <= 1.02 * plan_cost(nudged, optimum, 4)
+    pred.set_model(nudged)
+    assert pred.plan(n) == first
+    assert _walk(pred, n) == first  # next_chunk follows the kept plan
+    assert pred.plan(n // 2) == default_plan(nudged, n // 2, pred.spec)  # a new prompt
+
+    far = dataclasses.replace(LLAMA8B_P4, c=40 * LLAMA8B_P4.c)
+    best = default_plan(far, n, pred.spec)
+    assert plan_cost(far, first, 4) > 1.02 * plan_cost(far, best, 4)
+    pred.set_model(far)
+    assert pred.plan(n) == best
+    # Equal-time is vllm-ascend's rule: always the rule's plan for the model in use.
+    et = _make(cfg=ProfilingChunkConfig(enabled=True, min_chunk=2048, plan_mode="equal_time"))
+    et.plan(n)
+    et.set_model(nudged)
+    assert et.plan(n) == default_plan(nudged, n, et.spec, mode="equal_time")
