@@ -144,6 +144,13 @@ class DcppRuntime:
         """Recent prefill steps: (batch of (chunk, history), predicted s, measured s) on the
         slowest stage's compute (for reports such as `make demo`)."""
 
+        self._calibration_path: str | None = None
+        """Where calibration is saved (`calibration_store`); None: not saved."""
+        self._saved_at = float("-inf")  # monotonic s of the last save (none yet)
+        self._unsaved = False
+        """Whether calibration learnt something since the last save."""
+        self._save_warned = False
+
         prof = load_or_profile(vllm_config, cfg, executor)
         self.model: Any | None = prof.model
         self.profile_source = prof.source
@@ -362,7 +369,7 @@ class DcppRuntime:
             self.timing.poll(idle, self._observe_stage_time)
         if done:
             self._observe_requests(done, t_out)
-        if (idle and getattr(self, "_unsaved", False)
+        if (idle and self._unsaved
                 and time.monotonic() - self._saved_at >= calibration_store.SAVE_IDLE_S):
             # vLLM's API server kills the engine core at shutdown (unless --shutdown-timeout
             # is set), so an idle engine is where the state reliably gets to disk.
@@ -509,7 +516,7 @@ class DcppRuntime:
         logger.debug("dcpp: refitted the latency model on %d profile points + %d step timings: "
                      "%s", len(self.profile_samples), len(self.step_samples), _fit_repr(fit))
         self._refresh_planning_model()
-        if time.monotonic() - self._saved_at >= calibration_store.SAVE_EVERY_S:
+        if self._unsaved and time.monotonic() - self._saved_at >= calibration_store.SAVE_EVERY_S:
             self.save_calibration()
 
     # ------------------------------------------------------------------ persisted calibration
@@ -519,9 +526,6 @@ class DcppRuntime:
         self._calibration_path = (calibration_store.path_for(prof.path)
                                   if prof.path and prof.source != "none" else None)
         self._profile_digest = calibration_store.profile_digest(self.profile_samples)
-        self._saved_at = float("-inf")  # monotonic s of the last save (none yet)
-        self._unsaved = False
-        self._save_warned = False
         if self._calibration_path is None:
             return
         if prof.source == "profiled" and os.path.exists(self._calibration_path):
@@ -553,7 +557,7 @@ class DcppRuntime:
 
     def save_calibration(self) -> None:
         """Write what calibration learnt beside the profile (a warning, once, if it cannot)."""
-        path = getattr(self, "_calibration_path", None)
+        path = self._calibration_path
         if path is None:
             return
         state = calibration_store.CalibrationState(
@@ -603,7 +607,8 @@ class DcppRuntime:
     def close(self) -> None:
         """Save what calibration learnt; release what the runtime holds outside Python objects
         (the metrics port)."""
-        self.save_calibration()
+        if self._unsaved:
+            self.save_calibration()
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
