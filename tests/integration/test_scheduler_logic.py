@@ -195,8 +195,10 @@ def test_no_timing_no_bookkeeping(tmp_path, monkeypatch):
     out = NS(num_scheduled_tokens={"a": c})
     rt.end_step(s, out)
     assert not rt.pending
-    rt.on_output(out, 1.0)
+    rt.on_output(out, 1.0, idle=True)
     assert rt.num_observations == 0
+    rt.close()
+    assert not list(tmp_path.glob("*.calibration.json"))  # nothing learnt, nothing saved
 
 
 def test_calibration_learns_a_slower_engine(tmp_path, monkeypatch):
@@ -421,3 +423,16 @@ def test_unusable_calibration_file_is_ignored_with_a_warning(tmp_path, monkeypat
     assert "ignoring calibration file" in caplog.text
     assert rt2.profile_source == "cache" and rt2.model is not None
     assert len(rt2.step_samples) == 0 and rt2.overhead_s() == 0.0
+
+
+def test_unwritable_calibration_file_warns_once_and_serving_goes_on(tmp_path, monkeypatch, caplog):
+    import logging
+
+    ex = FakeExecutor(step_timing=True)
+    rt = runtime(tmp_path, monkeypatch, executor=ex)
+    rt._calibration_path = str(tmp_path / "no-such-dir" / "x.calibration.json")
+    with caplog.at_level(logging.WARNING, logger="vllm.dcpp"):
+        _run_timed_steps(rt, ex, 32, 4e-3)  # idle every 8 steps: several save attempts
+        rt.close()
+    assert caplog.text.count("could not save calibration") == 1
+    assert rt.num_observations == 32 and rt.median_error() < 0.05
