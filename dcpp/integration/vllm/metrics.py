@@ -43,7 +43,8 @@ class DcppMetrics:
                               "Learnt per-step engine overhead beyond the slowest stage's compute.",
                               registry=r)
         self.scale = Gauge("dcpp_latency_model_scale",
-                           "Online calibration factor applied to the start-up profile.",
+                           "Online calibration factor applied to the base model (the start-up "
+                           "profile or its latest refit).",
                            registry=r)
         self.profile_passes = Gauge("dcpp_profile_passes",
                                     "Profiling passes run at start-up (0: loaded from cache).",

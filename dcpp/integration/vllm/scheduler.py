@@ -549,7 +549,7 @@ class DcppRuntime:
         self.overheads.extend(state.overheads)
         if len(self.step_samples) >= REFIT_MIN_STEPS:
             self._refit_base()
-        self.model = self._planning_model()
+        self._refresh_planning_model()
         logger.info("dcpp: calibration loaded from %s (%d step timings, %d whole prefills); "
                     "per-step overhead %.2f ms; model %s", self._calibration_path,
                     len(state.step_samples), len(state.request_gaps), 1e3 * self.overhead_s(),
