@@ -157,6 +157,24 @@ def test_single_prefill_follows_plan_and_decodes_untouched(tmp_path, monkeypatch
     assert rt.cap(req("d", 10, computed=9), 9, 1) == 1
 
 
+def test_forget_drops_plans_and_prefill_timers(tmp_path, monkeypatch):
+    """What the scheduler calls for aborted requests (vLLM's finish_requests; None: all)."""
+    rt = runtime(tmp_path, monkeypatch)
+    reqs = [req("a", 6000), req("b", 5000), req("c", 4000)]
+    s = sched(reqs, budget=3 * BUDGET)
+    s.requests = {r.request_id: r for r in reqs}
+    rt.begin_step(s)
+    granted = {r.request_id: rt.cap(r, 0, BUDGET) for r in reqs}
+    for r in reqs:
+        r.num_computed_tokens = granted[r.request_id]
+    rt.end_step(s, NS(num_scheduled_tokens=granted))
+    assert set(rt.plans) == {"a", "b", "c"} and set(rt._prefills) == {"a", "b", "c"}
+    rt.forget(["a", "unknown"])
+    assert set(rt.plans) == {"b", "c"} and set(rt._prefills) == {"b", "c"}
+    rt.forget(None)
+    assert not rt.plans and not rt._prefills
+
+
 def test_several_prefills_share_a_time_budget_and_decodes_are_reserved(tmp_path, monkeypatch):
     rt = runtime(tmp_path, monkeypatch)
     decodes = [req(f"d{i}", 100, computed=99) for i in range(8)]

@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from vllm_testlib import BUDGET, MIN_CHUNK, make_engine, vllm_available
+from vllm_testlib import BUDGET, MAX_MODEL_LEN, MIN_CHUNK, make_engine, vllm_available
 
 pytestmark = [
     pytest.mark.vllm,
@@ -19,6 +19,7 @@ pytestmark = [
 ]
 
 PROMPT_LEN = 3000
+KV_BLOCKS = MAX_MODEL_LEN // 128 + 8  # vLLM's CPU block size is 128 tokens
 
 
 def prompt(n: int, seed: int = 1) -> list[int]:
@@ -33,6 +34,9 @@ def engine(tiny_checkpoint, profile_cache_dir):
     eng = make_engine(
         tiny_checkpoint,
         enable_prefix_caching=True,
+        # A KV cache a little above one max_model_len request, so that two long prompts at once
+        # must preempt one of them (test_preemption_...).
+        num_gpu_blocks_override=KV_BLOCKS,
         additional_config={"profiling_chunk_config": {
             "enabled": True, "min_chunk": MIN_CHUNK, "num_profile_samples": 16,
         }},
@@ -170,3 +174,108 @@ def test_calibration_observes_step_timings(engine):
     assert rt.cfg.need_timing
     assert rt.num_observations > 0
     assert math.isfinite(rt.median_error())
+
+
+def internal_ids(rt_dict, request_id):
+    return [k for k in rt_dict if k == request_id or k.rsplit("-", 1)[0] == request_id]
+
+
+def test_abort_mid_prefill_loses_nothing_and_leaves_nothing_behind(engine):
+    from vllm import SamplingParams
+
+    rt = engine.scheduler.dcpp
+    assert engine.llm.reset_prefix_cache()
+    eng = engine.llm.llm_engine
+
+    def params(plan=None):
+        return SamplingParams(max_tokens=4, temperature=0.0, detokenize=False, ignore_eos=True,
+                              extra_args={"dcpp_plan": plan} if plan else None)
+
+    kept = prompt(2600, seed=21)
+
+    def computed(name):
+        return sum(sum(rt.chunk_log[k]) for k in internal_ids(rt.chunk_log, name))
+
+    def abort_part_way(name, tokens, plan=None):
+        eng.add_request(name, {"prompt_token_ids": tokens}, params(plan))
+        for _ in range(200):
+            eng.step()
+            if computed(name) >= min(2 * MIN_CHUNK, len(tokens) // 2):
+                break
+        assert 0 < computed(name) < len(tokens), (name, computed(name))
+        if plan is None:
+            assert internal_ids(rt.plans, name), f"{name} should have a live plan"
+        eng.abort_request([name])
+
+    # One doomed prompt under vLLM's own chunking ("off": no plan), one under dcpp's plan,
+    # aborted part-way through their prefills while another long prompt runs.
+    abort_part_way("abort-me-too", prompt(1500, seed=22), plan="off")
+    eng.add_request("keep-me", {"prompt_token_ids": kept}, params())
+    abort_part_way("abort-me", prompt(3000, seed=20))
+    finished = {}
+    for _ in range(500):
+        if not eng.has_unfinished_requests():
+            break
+        for out in eng.step():
+            if out.finished:
+                finished[out.request_id] = out
+    assert not eng.has_unfinished_requests()
+    assert list(finished) == ["keep-me"], list(finished)
+    static = generate(engine, [kept], plan="off", max_tokens=4, ignore_eos=True)[0]
+    assert list(finished["keep-me"].outputs[0].token_ids) == list(static.outputs[0].token_ids)
+    # dcpp keeps no per-request state for the aborted requests (nor for the finished one).
+    assert not rt.plans
+    assert not internal_ids(rt._prefills, "abort-me")
+    assert not internal_ids(rt._prefills, "abort-me-too")
+    assert not rt.pending
+
+
+def test_preemption_replans_from_the_new_history_and_loses_nothing(engine, monkeypatch):
+    sched = engine.scheduler
+    rt = sched.dcpp
+    cache = engine.llm.llm_engine.vllm_config.cache_config
+    capacity = cache.num_gpu_blocks * cache.block_size
+    # vLLM admits a prompt only when all its blocks are free: two prompts that each take just
+    # under half of the cache both start, and their decodes run out of blocks. The survivor's
+    # further decode evicts the victim's last cached blocks, so the victim must compute its
+    # tail again, from a history > 0, under a new plan.
+    half = (cache.num_gpu_blocks - 1) // 2
+    n = half * cache.block_size - cache.block_size // 2
+    decode = 3 * cache.block_size
+    prompts = [prompt(n, seed=30), prompt(n, seed=31)]
+    static = [generate(engine, [p], plan="off", max_tokens=decode, ignore_eos=True)[0]
+              for p in prompts]
+
+    preempted, plans = [], []
+    preempt, make_plan = sched._preempt_request, rt._plan
+
+    def counting_preempt(request, *args, **kwargs):
+        preempted.append((request.request_id, int(request.num_computed_tokens)))
+        return preempt(request, *args, **kwargs)
+
+    def recording_plan(request, mode, history):
+        plan = make_plan(request, mode, history)
+        plans.append((request.request_id, int(request.num_preemptions), history,
+                      int(request.num_tokens), list(plan.chunks)))
+        return plan
+
+    monkeypatch.setattr(sched, "_preempt_request", counting_preempt)
+    monkeypatch.setattr(rt, "_plan", recording_plan)
+    outs = generate(engine, prompts, max_tokens=decode, ignore_eos=True)
+    assert preempted, f"two {n}-token prompts in a {capacity}-token KV cache were not preempted"
+    for o, ref in zip(outs, static):
+        assert list(o.outputs[0].token_ids) == list(ref.outputs[0].token_ids)
+    victim, computed = preempted[0]
+    # Planned at admission from 0; after the preemption planned again from where vLLM resumed
+    # it (0, or what the prefix cache still held), each plan covering exactly the tokens left.
+    first = [p for p in plans if p[0] == victim and p[1] == 0]
+    resumed = [p for p in plans if p[0] == victim and p[1] == 1]
+    assert first and first[0][2] == 0, plans
+    assert resumed, f"no plan after {victim} was preempted: {plans} {preempted} {rt.chunk_log[victim]}"
+    _, _, at, total, chunks = resumed[0]
+    print("preempted", preempted, "resumed at", at, "of", total, "plan", chunks)
+    assert at <= computed and sum(chunks) == total - at, (at, computed, total, chunks)
+    for _, _, h, total, chunks in first + resumed:
+        assert sum(chunks) == total - h
+    assert sum(rt.chunk_log[victim]) >= n + (total - at)
+    assert not rt.plans

@@ -614,6 +614,11 @@ class DcppRuntime:
             self.metrics = None
 
     def forget(self, request_ids: Any) -> None:
+        """Drop the plans and prefill timers of `request_ids` (None: of every request)."""
+        if request_ids is None:
+            self.plans.clear()
+            self._prefills.clear()
+            return
         for rid in request_ids:
             self.plans.pop(rid, None)
             self._prefills.pop(rid, None)
@@ -707,10 +712,17 @@ class _DcppMixin:
         return result
 
     def finish_requests(self, request_ids: Any, finished_status: Any):
+        if request_ids is not None and not isinstance(request_ids, str):
+            request_ids = list(request_ids)  # read twice below
         result = super().finish_requests(request_ids, finished_status)
         rt = self.dcpp
-        if rt is not None and rt.plans:
-            rt.forget([rid for rid in rt.plans if rid not in self.requests])
+        if rt is not None:
+            # Aborted (or stopped) requests: drop their plans and prefill timers.
+            if request_ids is None:  # vLLM: "all requests"
+                rt.forget(None)
+            else:
+                ids = [request_ids] if isinstance(request_ids, str) else request_ids
+                rt.forget(list(ids) + [rid for rid in rt.plans if rid not in self.requests])
         return result
 
     def shutdown(self) -> None:
