@@ -116,6 +116,35 @@ def test_failed_or_degenerate_profile_falls_back_to_static(tmp_path, monkeypatch
     assert rt.cap(req("a", 5000), 0, BUDGET) == BUDGET  # vLLM's own chunk
 
 
+def test_profiling_past_its_time_budget_falls_back_to_static(tmp_path, monkeypatch, caplog):
+    """Start-up profiling never outlives its budget (DCPP_PROFILE_TIMEOUT_S, by default a third
+    of vLLM's engine start-up timeout): each RPC gets only the time left, and when it is spent
+    vLLM serves with static chunks and a warning naming the knobs."""
+    import logging
+    import time
+
+    class SlowExecutor(FakeExecutor):
+        timeouts: list = []
+
+        def collective_rpc(self, method, timeout=None, **kw):
+            self.timeouts.append(timeout)
+            time.sleep(0.1)
+            return super().collective_rpc(method, timeout=timeout, **kw)
+
+    monkeypatch.setenv("DCPP_PROFILE_TIMEOUT_S", "0.5")
+    ex = SlowExecutor()
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="vllm.dcpp"):
+        rt = runtime(tmp_path, monkeypatch, executor=ex)
+    assert time.monotonic() - t0 < 5.0
+    assert rt.model is None and rt.profile_source == "none"
+    assert 0 < rt.num_profile_passes == ex.calls < 17  # stopped part-way through one profile
+    assert all(t is not None and t <= 0.5 for t in ex.timeouts), ex.timeouts
+    assert "DCPP_PROFILE_TIMEOUT_S" in caplog.text and "static chunking" in caplog.text
+    rt.begin_step(sched())
+    assert rt.cap(req("a", 5000), 0, BUDGET) == BUDGET
+
+
 def test_noisy_profile_is_retried_once_with_more_repeats(tmp_path, monkeypatch):
     """A first profile too noisy to fit (a busy machine) is rejected; the retry, each pass the
     best of twice as many runs, succeeds and counts all passes."""
