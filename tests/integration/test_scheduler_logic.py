@@ -281,6 +281,25 @@ def test_stage_timing_calibrates_compute_and_learns_overhead(tmp_path, monkeypat
     assert rt.model.c == pytest.approx(rt.compute_model.c + rt.overhead_s())
 
 
+def test_a_few_steps_from_one_region_do_not_rescale_the_whole_model(tmp_path, monkeypatch):
+    """The fast scale follows the machine, not one region: right after a refit, the tail of one
+    long prompt running 40% slower than the model (a shape error there, or a burst of noise)
+    must not make every other step 40% dearer; a machine that really got slower (every step)
+    is followed within a few dozen steps."""
+    ex = FakeExecutor(step_timing=True)
+    rt = runtime(tmp_path, monkeypatch, executor=ex)
+    _run_timed_steps(rt, ex, 64, 0.0, factor=1.0)  # the 64th step triggers a refit
+    refits = rt.num_refits
+    assert refits > 0
+    _run_timed_steps(rt, ex, 8, 0.0, factor=1.4, shape=lambda i: (256, 14336 + 256 * i))
+    assert rt.num_refits - refits <= 1  # not a new base fit: the fast scale's doing
+    small = rt.compute_model.predict_time(512, 1024) / true_time(512, 1024)
+    assert small == pytest.approx(1.0, abs=0.1), f"a short prompt now predicted {small:.2f}x"
+    _run_timed_steps(rt, ex, 48, 0.0, factor=1.5)
+    assert rt.compute_model.predict_time(512, 1024) / true_time(512, 1024) == pytest.approx(
+        1.5, rel=0.1)
+
+
 def _shape(i):
     """(chunk, history) of step i: shapes mostly grow step to step; every 4th step repeats the
     previous shape (a steady pipeline for a moment)."""
@@ -288,18 +307,18 @@ def _shape(i):
     return 256 + 64 * (k % 8), 512 * (k % 16)
 
 
-def _run_timed_steps(rt, ex, n, overhead):
-    """`n` single-prefill steps whose stages take 0.9x and 1.0x of 1.3 * true_time, spaced by
-    that plus `overhead` seconds, plus a pipeline bubble as long as the growth over the
+def _run_timed_steps(rt, ex, n, overhead, factor=1.3, shape=_shape):
+    """`n` single-prefill steps whose stages take 0.9x and 1.0x of factor * true_time, spaced
+    by that plus `overhead` seconds, plus a pipeline bubble as long as the growth over the
     previous step (what a real pipeline shows when steps grow); per-stage times come back
     through the fake drain RPC."""
     from dcpp.integration.vllm import vllm_compat
 
-    slower = lambda c, h: 1.3 * true_time(c, h)  # noqa: E731 - the real stage is slower
-    t, prev = 0.0, None
+    slower = lambda c, h: factor * true_time(c, h)  # noqa: E731 - the real stage is slower
+    t, prev = (rt.last_output_t or 0.0), None
     rt.last_output_t = t
     for i in range(n):
-        c, h = _shape(i)
+        c, h = shape(i)
         r = req(f"r{i}", h + c + 100)
         r.num_computed_tokens = h + c
         s = sched([r])

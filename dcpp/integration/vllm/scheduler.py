@@ -62,6 +62,13 @@ ONLINE_MIN_R2 = 0.5
 """Quality gates of the online refit: a step's compute on a shared CPU scatters 10-20% around
 the median of the same step repeated (measured by benchmarks/vllm_ttft.py)."""
 
+SCALE_WINDOW = 64
+SCALE_MIN_STEPS = 4
+"""The fast scale is the median measured/base ratio of the last `SCALE_WINDOW` prefill steps,
+spanning several requests: consecutive steps come from one region of (chunk, history), and a few
+of them must not rescale every other region. A refit refills the window against the new base.
+Only at start-up (profile vs real steps, often a global offset) do `SCALE_MIN_STEPS` suffice."""
+
 STEADY = 0.10
 """Consecutive prefill steps whose slowest-stage compute differs by at most this fraction count
 as a steady pipeline (only those measure the per-step overhead)."""
@@ -173,8 +180,8 @@ class DcppRuntime:
             the profile's points plus recent step timings."""
             self.model_base_profile = self.model
             self.compute_scale = 1.0
-            self.ratios: collections.deque[float] = collections.deque(
-                maxlen=int(cfg.calibration_window))
+            self.ratios: collections.deque[float] = collections.deque(maxlen=SCALE_WINDOW)
+            """measured / base-model time of the recent prefill steps."""
             self.profile_samples = list(prof.samples)
             self.step_samples: collections.deque[tuple[list, float]] = collections.deque(
                 maxlen=int(cfg.calibration_window))
@@ -477,16 +484,9 @@ class DcppRuntime:
         if base <= 0:
             return
         self.ratios.append(measured / base)
-        if len(self.ratios) < 4 or len(self.ratios) % 4:
-            return
-        scale = statistics.median(self.ratios)
-        if abs(scale / self.compute_scale - 1.0) > 0.01:
-            self.compute_scale = scale
-            self.compute_model = self.model_base.scaled(scale)
+        if (len(self.ratios) >= SCALE_MIN_STEPS and not len(self.ratios) % 4
+                and self._rescale(statistics.median(self.ratios))):
             self.num_refits += 1
-            if self.metrics is not None:
-                self.metrics.scale.set(scale)
-            logger.debug("dcpp: recalibrated: base model x %.3f", scale)
         self._refresh_planning_model()
         if self.num_observations % 50 == 0:
             logger.info("dcpp: median chunk-latency prediction error %.1f%% over last %d steps; "
@@ -507,17 +507,33 @@ class DcppRuntime:
             return
         self.last_refit_error = None
         self.model_base = fit
-        self.compute_scale = 1.0
-        self.compute_model = fit
+        # The recent steps' ratios against the new base (not an empty window, which would
+        # let the next few steps, all from one region, set the scale alone).
         self.ratios.clear()
+        for batch, secs in list(self.step_samples)[-SCALE_WINDOW:]:
+            base = float(fit.predict_batch(batch))
+            if base > 0:
+                self.ratios.append(secs / base)
+        self._rescale(statistics.median(self.ratios)
+                      if len(self.ratios) >= SCALE_MIN_STEPS else 1.0, force=True)
         self.num_refits += 1
-        if self.metrics is not None:
-            self.metrics.scale.set(1.0)
         logger.debug("dcpp: refitted the latency model on %d profile points + %d step timings: "
                      "%s", len(self.profile_samples), len(self.step_samples), _fit_repr(fit))
         self._refresh_planning_model()
         if self._unsaved and time.monotonic() - self._saved_at >= calibration_store.SAVE_EVERY_S:
             self.save_calibration()
+
+    def _rescale(self, scale: float, *, force: bool = False) -> bool:
+        """Use the base model times `scale`; unless `force`, only if that moves the scale in use
+        by more than 1%. Returns whether the model changed."""
+        if not force and abs(scale / self.compute_scale - 1.0) <= 0.01:
+            return False
+        self.compute_scale = scale
+        self.compute_model = self.model_base.scaled(scale) if scale != 1.0 else self.model_base
+        if self.metrics is not None:
+            self.metrics.scale.set(scale)
+        logger.debug("dcpp: recalibrated: base model x %.3f", scale)
+        return True
 
     # ------------------------------------------------------------------ persisted calibration
 
