@@ -477,14 +477,13 @@ class DcppRuntime:
         self.num_observations += 1
         self.step_samples.append((list(batch), float(measured)))
         self._unsaved = True
+        base = float(self.model_base.predict_batch(batch))
+        if base > 0:
+            self.ratios.append(measured / base)
         if (len(self.step_samples) >= REFIT_MIN_STEPS
                 and self.num_observations % REFIT_EVERY == 0):
-            self._refit_base()
-        base = float(self.model_base.predict_batch(batch))
-        if base <= 0:
-            return
-        self.ratios.append(measured / base)
-        if (len(self.ratios) >= SCALE_MIN_STEPS and not len(self.ratios) % 4
+            self._refit_base()  # refills the ratios (this step's included) and rescales
+        elif (len(self.ratios) >= SCALE_MIN_STEPS and not len(self.ratios) % 4
                 and self._rescale(statistics.median(self.ratios))):
             self.num_refits += 1
         self._refresh_planning_model()
