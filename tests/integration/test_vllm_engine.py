@@ -272,10 +272,12 @@ def test_preemption_replans_from_the_new_history_and_loses_nothing(engine, monke
     resumed = [p for p in plans if p[0] == victim and p[1] == 1]
     assert first and first[0][2] == 0, plans
     assert resumed, f"no plan after {victim} was preempted: {plans} {preempted} {rt.chunk_log[victim]}"
-    _, _, at, total, chunks = resumed[0]
-    print("preempted", preempted, "resumed at", at, "of", total, "plan", chunks)
-    assert at <= computed and sum(chunks) == total - at, (at, computed, total, chunks)
-    for _, _, h, total, chunks in first + resumed:
-        assert sum(chunks) == total - h
-    assert sum(rt.chunk_log[victim]) >= n + (total - at)
+    _, _, at, resumed_total, chunks = resumed[0]
+    print("preempted", preempted, "resumed at", at, "of", resumed_total, "plan", chunks)
+    assert at <= computed, (at, computed)
+    for _, _, h, total, planned in first + resumed:
+        assert sum(planned) == total - h, (h, total, planned)
+    # Its whole prompt ran before the preemption (vLLM admits a prompt whose blocks all fit),
+    # then what the prefix cache had lost ran again.
+    assert sum(rt.chunk_log[victim]) >= n + (resumed_total - at)
     assert not rt.plans
