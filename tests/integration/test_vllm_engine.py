@@ -46,11 +46,17 @@ def engine(tiny_checkpoint, profile_cache_dir):
     assert not killed, f"engine processes had to be killed at shutdown: {killed}"
 
 
+def internal_ids(log, request_id):
+    """Keys of `log` for the user's `request_id`: vLLM 0.32 appends a random suffix to it inside
+    the engine."""
+    return [k for k in log if k == request_id or k.rsplit("-", 1)[0] == request_id]
+
+
 def entry(log, request_id):
-    """vLLM 0.32 appends a random suffix to the user's request id inside the engine."""
-    hits = [v for k, v in log.items() if k == request_id or k.rsplit("-", 1)[0] == request_id]
+    """The one value `log` holds for the user's `request_id`."""
+    hits = internal_ids(log, request_id)
     assert len(hits) == 1, (request_id, list(log)[-5:])
-    return hits[0]
+    return log[hits[0]]
 
 
 def generate(eng, prompts, plan=None, max_tokens=8, fresh=True, **kw):
@@ -174,10 +180,6 @@ def test_calibration_observes_step_timings(engine):
     assert rt.cfg.need_timing
     assert rt.num_observations > 0
     assert math.isfinite(rt.median_error())
-
-
-def internal_ids(rt_dict, request_id):
-    return [k for k in rt_dict if k == request_id or k.rsplit("-", 1)[0] == request_id]
 
 
 def test_abort_mid_prefill_loses_nothing_and_leaves_nothing_behind(engine):

@@ -737,7 +737,7 @@ class _DcppMixin:
                 rt.forget(None)
             else:
                 ids = [request_ids] if isinstance(request_ids, str) else request_ids
-                rt.forget(list(ids) + [rid for rid in rt.plans if rid not in self.requests])
+                rt.forget(ids + [rid for rid in rt.plans if rid not in self.requests])
         return result
 
     def shutdown(self) -> None:
