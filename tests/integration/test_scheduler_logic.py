@@ -92,6 +92,10 @@ def req(rid, n, computed=0):
               num_tokens_with_spec=n, sampling_params=None)
 
 
+SCHED = NS(scheduler_config=NS(disable_chunked_mm_input=False))
+"""The scheduler `cap` reads its mm / Mamba settings from (neither applies here)."""
+
+
 def sched(running=(), budget=BUDGET):
     return NS(running=list(running), max_num_scheduled_tokens=budget, requests={})
 
@@ -113,7 +117,7 @@ def test_failed_or_degenerate_profile_falls_back_to_static(tmp_path, monkeypatch
     rt = runtime(tmp_path, monkeypatch, executor=executor)
     assert rt.model is None
     rt.begin_step(sched())
-    assert rt.cap(req("a", 5000), 0, BUDGET) == BUDGET  # vLLM's own chunk
+    assert rt.cap(SCHED, req("a", 5000), 0, BUDGET) == BUDGET  # vLLM's own chunk
 
 
 def test_profiling_past_its_time_budget_falls_back_to_static(tmp_path, monkeypatch, caplog):
@@ -142,7 +146,7 @@ def test_profiling_past_its_time_budget_falls_back_to_static(tmp_path, monkeypat
     assert all(t is not None and t <= 0.5 for t in ex.timeouts), ex.timeouts
     assert "DCPP_PROFILE_TIMEOUT_S" in caplog.text and "static chunking" in caplog.text
     rt.begin_step(sched())
-    assert rt.cap(req("a", 5000), 0, BUDGET) == BUDGET
+    assert rt.cap(SCHED, req("a", 5000), 0, BUDGET) == BUDGET
 
 
 def test_noisy_profile_is_retried_once_with_more_repeats(tmp_path, monkeypatch):
@@ -175,7 +179,7 @@ def test_single_prefill_follows_plan_and_decodes_untouched(tmp_path, monkeypatch
     while r.num_computed_tokens < r.num_tokens:
         s = sched([r])
         rt.begin_step(s)
-        c = rt.cap(r, r.num_computed_tokens, BUDGET)
+        c = rt.cap(SCHED, r, r.num_computed_tokens, BUDGET)
         r.num_computed_tokens += c
         s.requests = {"a": r}
         rt.end_step(s, NS(num_scheduled_tokens={"a": c}))
@@ -183,7 +187,7 @@ def test_single_prefill_follows_plan_and_decodes_untouched(tmp_path, monkeypatch
     assert done == plan
     assert "a" not in rt.plans
     rt.begin_step(sched([r]))
-    assert rt.cap(req("d", 10, computed=9), 9, 1) == 1
+    assert rt.cap(SCHED, req("d", 10, computed=9), 9, 1) == 1
 
 
 def test_forget_drops_plans_and_prefill_timers(tmp_path, monkeypatch):
@@ -193,7 +197,7 @@ def test_forget_drops_plans_and_prefill_timers(tmp_path, monkeypatch):
     s = sched(reqs, budget=3 * BUDGET)
     s.requests = {r.request_id: r for r in reqs}
     rt.begin_step(s)
-    granted = {r.request_id: rt.cap(r, 0, BUDGET) for r in reqs}
+    granted = {r.request_id: rt.cap(SCHED, r, 0, BUDGET) for r in reqs}
     for r in reqs:
         r.num_computed_tokens = granted[r.request_id]
     rt.end_step(s, NS(num_scheduled_tokens=granted))
@@ -205,16 +209,23 @@ def test_forget_drops_plans_and_prefill_timers(tmp_path, monkeypatch):
 
 
 def test_several_prefills_share_a_time_budget_and_decodes_are_reserved(tmp_path, monkeypatch):
+    """The first prefill takes its planned chunk and sets the step's time; the next one gets
+    the largest aligned chunk that keeps the step's predicted time within it (hand-checked by
+    scanning every aligned size), never less than the floor, never 0."""
     rt = runtime(tmp_path, monkeypatch)
     decodes = [req(f"d{i}", 100, computed=99) for i in range(8)]
     rt.begin_step(sched(decodes))
-    assert rt.step.prefill_room == BUDGET - 8
-    c1 = rt.cap(req("a", 8000, computed=4096), 4096, BUDGET)
-    c2 = rt.cap(req("b", 8000), 0, BUDGET)
-    assert c1 > 0
-    assert c1 + c2 <= BUDGET - 8
-    batch = [(c1, 4096)] + ([(c2, 0)] if c2 else [])
-    assert rt.model.predict_batch(batch) <= rt.step.target_s * (1 + 1e-9)
+    assert rt.sizer._step.prefill_room == BUDGET - 8
+    a = req("a", 8000, computed=4096)
+    c1 = rt.cap(SCHED, a, 4096, BUDGET)
+    assert c1 == rt.predictors["pipeline"].plan(8000 - 4096, history=4096)[0]
+    target = rt.model.predict_time(c1, 4096)
+    c2 = rt.cap(SCHED, req("b", 8000), 0, BUDGET)
+    fits = [x for x in range(64, BUDGET + 1, 64)
+            if rt.model.predict_batch([(c1, 4096), (x, 0)]) <= target * (1 + 1e-12)]
+    expect = min(max(fits, default=0), BUDGET - 8 - c1, 8000)
+    assert c2 == max(expect, rt.sizer.floor), (c2, fits, rt.sizer.floor)
+    assert c2 > 0
 
 
 def test_plan_off_and_prefix_hit(tmp_path, monkeypatch):
@@ -222,10 +233,10 @@ def test_plan_off_and_prefix_hit(tmp_path, monkeypatch):
     r = req("a", 6000)
     r.sampling_params = NS(extra_args={"dcpp_plan": "off"})
     rt.begin_step(sched())
-    assert rt.cap(r, 0, BUDGET) == BUDGET
+    assert rt.cap(SCHED, r, 0, BUDGET) == BUDGET
     hit = req("b", 6000, computed=2048)
     rt.begin_step(sched())
-    c = rt.cap(hit, 2048, BUDGET)
+    c = rt.cap(SCHED, hit, 2048, BUDGET)
     assert rt.plan_log["b"][0] == 2048
     assert c == rt.predictors["pipeline"].plan(6000 - 2048, history=2048)[0]
 
@@ -236,12 +247,12 @@ def test_no_timing_no_bookkeeping(tmp_path, monkeypatch):
     r = req("a", 3000)
     s = sched([r])
     rt.begin_step(s)
-    c = rt.cap(r, 0, BUDGET)
+    c = rt.cap(SCHED, r, 0, BUDGET)
     r.num_computed_tokens = c
     s.requests = {"a": r}
     out = NS(num_scheduled_tokens={"a": c})
     rt.end_step(s, out)
-    assert not rt.pending
+    assert len(rt.ledger) == 0
     rt.on_output(out, 1.0, idle=True)
     assert rt.num_observations == 0
     rt.close()
@@ -249,15 +260,20 @@ def test_no_timing_no_bookkeeping(tmp_path, monkeypatch):
 
 
 def test_calibration_learns_a_slower_engine(tmp_path, monkeypatch):
+    """Without per-stage timing the step intervals calibrate the model."""
     rt = runtime(tmp_path, monkeypatch)
+    assert not rt.stage_timing
     slower = lambda c, h: 1.5 * true_time(c, h) + 3e-3  # noqa: E731 - engine overheads
     t = 0.0
     rt.last_output_t = t
     for i in range(64):
         c, h = 256 + 64 * (i % 8), 512 * (i % 16)
-        batch = [(c, h)]
-        out = NS()
-        rt.pending[id(out)] = (t - 1e-4, batch, True)
+        r = req(f"r{i}", h + c + 100, computed=h + c)
+        s = sched([r])
+        s.requests = {r.request_id: r}
+        out = NS(num_scheduled_tokens={r.request_id: c})
+        rt.end_step(s, out)
+        rt.ledger._queue[-1].scheduled_at = t - 1e-4  # queued behind the previous step
         t += slower(c, h)
         rt.on_output(out, t)
     assert rt.num_refits > 0
@@ -325,7 +341,7 @@ def _run_timed_steps(rt, ex, n, overhead, factor=1.3, shape=_shape):
         s.requests = {r.request_id: r}
         out = NS(num_scheduled_tokens={r.request_id: c})
         rt.end_step(s, out)
-        rt.pending[id(out)] = (t - 1e-4,) + rt.pending[id(out)][1:]
+        rt.ledger._queue[-1].scheduled_at = t - 1e-4  # queued behind the previous step
         ex.queued.append((vllm_compat.step_fingerprint(out),
                           (0.9 * slower(c, h), slower(c, h))))
         bubble = max(0.0, slower(c, h) - prev) if prev is not None else 0.0
@@ -388,7 +404,7 @@ def test_whole_prefill_times_teach_the_per_step_cost(tmp_path, monkeypatch):
         while r.num_computed_tokens < r.num_tokens:
             rt.begin_step(s)
             h = r.num_computed_tokens
-            c = rt.cap(r, h, min(BUDGET, r.num_tokens - h))
+            c = rt.cap(SCHED, r, h, min(BUDGET, r.num_tokens - h))
             r.num_computed_tokens += c
             out = NS(num_scheduled_tokens={r.request_id: c})
             rt.end_step(s, out)

@@ -19,7 +19,6 @@ per-stage step times collected by `stage_timing`.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import contextlib
 import dataclasses
@@ -33,8 +32,16 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from dcpp.integration.vllm import calibration_store, vllm_compat
+from dcpp.integration.vllm.chunk_sizer import (  # noqa: F401 - PLAN_* re-exported
+    MAX_LOGGED_REQUESTS,
+    PLAN_MODES,
+    PLAN_OFF,
+    Ask,
+    ChunkSizer,
+)
 from dcpp.integration.vllm.metrics import start_metrics
 from dcpp.integration.vllm.stage_timing import SentStep, StageTiming
+from dcpp.integration.vllm.step_ledger import LedgerEntry, StepLedger
 from dcpp.integration.vllm.startup_profile import EngineLimits, load_or_profile
 from dcpp.integration.vllm.startup_profile import cache_key as profile_cache_key
 from dcpp.integration.vllm.startup_profile import (  # noqa: F401 - re-exported (lived here)
@@ -44,12 +51,7 @@ from dcpp.integration.vllm.startup_profile import (  # noqa: F401 - re-exported 
 
 logger = logging.getLogger("vllm.dcpp")  # under "vllm": uses its log handler and level
 
-#: Plan names a request may pick with `SamplingParams(extra_args={"dcpp_plan": ...})`; "off" leaves
-#: the request to vLLM's own chunking (what vLLM does without dcpp).
-PLAN_OFF = "off"
-PLAN_MODES = ("pipeline", "equal_time", "static")
-
-_MAX_LOGGED_REQUESTS = 4096
+_MAX_LOGGED_REQUESTS = MAX_LOGGED_REQUESTS
 
 REFIT_MIN_STEPS = 64
 """Prefill step timings needed before the base model is refitted on them."""
@@ -74,25 +76,6 @@ STEADY = 0.10
 as a steady pipeline (only those measure the per-step overhead)."""
 
 
-@dataclasses.dataclass
-class _RequestPlan:
-    mode: str
-    chunks: list[int]
-    """Planned chunk sizes still to run."""
-    pos: int
-    """Token position where chunks[0] starts."""
-
-
-class _Step:
-    __slots__ = ("prefill_room", "granted", "target_s", "batch")
-
-    def __init__(self, prefill_room: int) -> None:
-        self.prefill_room = prefill_room
-        self.granted: dict[str, tuple[int, int]] = {}
-        self.target_s: float | None = None
-        self.batch: list[tuple[int, int]] = []
-
-
 class DcppRuntime:
     """Chunk sizing state shared by the scheduler hooks: config, latency model, predictors,
     per-request plans, calibration and statistics. Engine-agnostic apart from what the
@@ -109,15 +92,12 @@ class DcppRuntime:
         self.page_size = limits.page_size
         self.num_stages = limits.num_stages
         self.predictors: dict[str, Any] = {}
-        self.plans: dict[str, _RequestPlan] = {}
+        self.sizer: ChunkSizer | None = None
+        """Per-request plans and the step budget (built with the predictors)."""
         self.chunk_log: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
         """Executed prefill chunk sizes per request (most recent requests)."""
-        self.plan_log: collections.OrderedDict[str, tuple[int, list[int]]] = (
-            collections.OrderedDict())
-        """Per request: (history at its first chunk, the chunks planned for it)."""
-        self.pending: dict[int, tuple] = {}
-        """id(SchedulerOutput) -> (scheduled at (monotonic s), batch of (chunk, history),
-        has_prefill, its `SentStep`) for the steps whose output has not come back."""
+        self.ledger = StepLedger()
+        """Steps sent whose output has not come back (timing and prefill ends)."""
         self.last_output_t: float | None = None
         self.errors: collections.deque[float] = collections.deque(
             maxlen=int(cfg.calibration_window)
@@ -125,7 +105,6 @@ class DcppRuntime:
         self.num_observations = 0
         self.num_refits = 0
         self._drift_events = 0
-        self.step: _Step | None = None
 
         # Per-stage step timing (need_timing): workers record their compute time per step;
         # `timing` collects the records with non-blocking RPCs (see `StageTiming.poll`).
@@ -139,8 +118,6 @@ class DcppRuntime:
         self._prefills: collections.OrderedDict[str, list] = collections.OrderedDict()
         """Requests in prefill: [first chunk scheduled at (monotonic s), history at that chunk,
         plan mode, ran alone in every step so far]."""
-        self._finishing: dict[int, list[str]] = {}
-        """id(SchedulerOutput) -> requests whose prefill ends with that step."""
         self.request_gaps: collections.deque[float] = collections.deque(maxlen=32)
         """Per planned request that ran alone: (measured prefill time - the compute model's TTFT
         of its chunks) / (steps + P - 1), in s: the per-step cost the pipeline really adds."""
@@ -208,6 +185,7 @@ class DcppRuntime:
 
         self.predictors = {}
         if self.model is None:
+            self.sizer = None
             return
         for mode in PLAN_MODES:
             cfg = dataclasses.replace(self.cfg, plan_mode=mode)
@@ -218,11 +196,25 @@ class DcppRuntime:
                 max_model_len=self.max_model_len,
                 num_stages=self.num_stages,
             )
+        spec = self.predictors[PLAN_MODES[0]].spec
+        self.sizer = ChunkSizer(lambda mode, n, h: self.predictors[mode].plan(n, history=h),
+                                floor=spec.floor, align=spec.align)
+        self.sizer.model = self.model
+
+    @property
+    def plans(self) -> dict:
+        return self.sizer.plans if self.sizer is not None else {}
+
+    @property
+    def plan_log(self) -> dict:
+        return self.sizer.plan_log if self.sizer is not None else {}
 
     def set_model(self, model: Any) -> None:
         self.model = model
         for p in self.predictors.values():
             p.set_model(model)
+        if self.sizer is not None:
+            self.sizer.model = model
         # Requests in flight keep the plan they were admitted with; new plans use the new fit.
 
     # ------------------------------------------------------------------ scheduling
@@ -238,94 +230,37 @@ class DcppRuntime:
         return override
 
     def begin_step(self, scheduler: Any) -> None:
-        decode_tokens = 0
-        for r in scheduler.running:
-            if r.num_tokens - r.num_computed_tokens <= 1:
-                decode_tokens += max(0, r.num_tokens_with_spec - r.num_computed_tokens)
-        self.step = _Step(max(0, scheduler.max_num_scheduled_tokens - decode_tokens))
+        if self.sizer is not None:
+            self.sizer.begin_step(scheduler.max_num_scheduled_tokens
+                                  - vllm_compat.decode_tokens(scheduler))
 
-    def _plan(self, request: Any, mode: str, history: int) -> _RequestPlan:
-        total = int(request.num_tokens)
-        chunks = [int(c) for c in self.predictors[mode].plan(total - history, history=history)]
-        if sum(chunks) != total - history or any(c <= 0 for c in chunks):
-            raise AssertionError(
-                f"chunker plan {chunks} does not cover tokens {history}..{total}")
-        return _RequestPlan(mode=mode, chunks=chunks, pos=history)
-
-    def cap(self, request: Any, history: int, offered: int) -> int:
-        """Chunk for `request` this step: at most `offered` (vLLM's own number)."""
-        step = self.step
-        if step is None or self.model is None or offered <= 0:
+    def cap(self, scheduler: Any, request: Any, history: int, offered: int) -> int:
+        """Chunk for `request` this step: in [1, `offered`] (vLLM's own number)."""
+        sizer = self.sizer
+        if sizer is None or not sizer.in_step or offered <= 1:
             return offered
-        remaining = int(request.num_tokens) - int(history)
-        if remaining <= 1:  # a decode (or its spec tokens): never touched
-            return offered
-        mode = self.mode_for(request)
-        if mode == PLAN_OFF:
-            return offered
-        rid = request.request_id
-        plan = self.plans.get(rid)
-        if plan is None or plan.mode != mode or plan.pos != history or not plan.chunks:
-            plan = self._plan(request, mode, history)
-            self.plans[rid] = plan
-            done = self.chunk_log.get(rid, []) if rid in self.plan_log else []
-            start = self.plan_log[rid][0] if rid in self.plan_log else history
-            self.plan_log[rid] = (start, list(done) + list(plan.chunks))
-            if len(self.plan_log) > _MAX_LOGGED_REQUESTS:
-                self.plan_log.popitem(last=False)
-        want = min(plan.chunks[0], offered, step.prefill_room)
-        if want <= 0:
-            return 0
-        if step.target_s is None:
-            step.target_s = float(self.model.predict_time(plan.chunks[0], history))
-        elif step.batch:
-            want = self._fit_time(step, want, history, remaining)
-        if want <= 0:
-            return 0
-        step.granted[rid] = (history, want)
-        step.batch.append((want, history))
-        step.prefill_room -= want
-        return want
-
-    def _fit_time(self, step: _Step, want: int, history: int, remaining: int) -> int:
-        """Largest chunk <= want keeping the step's predicted time within the target."""
-        base = list(step.batch)
-
-        def fits(c: int) -> bool:
-            return float(self.model.predict_batch(base + [(c, history)])) <= step.target_s
-
-        if fits(want):
-            return want
-        align = max(self.page_size, 64)
-        sizes = list(range(align, want, align))
-        if not sizes or not fits(sizes[0]):
-            return 0
-        # Largest aligned size that still fits (predicted time grows with the chunk).
-        idx = bisect.bisect_left([not fits(s) for s in sizes], True)
-        return sizes[idx - 1] if idx > 0 else 0
+        ask = Ask(request_id=request.request_id, mode=self.mode_for(request),
+                  total=vllm_compat.request_num_tokens(request), history=int(history),
+                  offered=int(offered),
+                  encoder_spans=vllm_compat.unsplittable_encoder_spans(scheduler, request),
+                  block_align=vllm_compat.mamba_block_align(scheduler))
+        return sizer.size(ask)
 
     def end_step(self, scheduler: Any, out: Any) -> None:
-        step, self.step = self.step, None
+        if self.sizer is not None:
+            self.sizer.end_step()
         now = time.monotonic()
         batch: list[tuple[int, int]] = []
         has_prefill = False
         finishing: list[str] = []
-        for rid, n in out.num_scheduled_tokens.items():
-            req = scheduler.requests.get(rid)
-            if req is None:
-                continue
-            n = int(n)
-            history = int(req.num_computed_tokens) - n
+        for rid, n, history, prefill, total in vllm_compat.scheduled_requests(scheduler, out):
             batch.append((n, history))
-            if history + 1 < req.num_tokens or n > 1:
-                is_prefill = history < req.num_prompt_tokens or n > 1
-            else:
-                is_prefill = False
-            if not is_prefill:
+            if not prefill:
                 continue
             has_prefill = True
             if self.cfg.need_timing and rid not in self._prefills:
-                self._prefills[rid] = [now, history, self.mode_for(req), True]
+                self._prefills[rid] = [now, history,
+                                       self.mode_for(scheduler.requests[rid]), True]
                 if len(self._prefills) > _MAX_LOGGED_REQUESTS:
                     self._prefills.popitem(last=False)
             if self.metrics is not None:
@@ -334,48 +269,37 @@ class DcppRuntime:
             log.append(n)
             if len(self.chunk_log) > _MAX_LOGGED_REQUESTS:
                 self.chunk_log.popitem(last=False)
-            plan = self.plans.get(rid)
-            if plan is not None and step is not None and rid in step.granted:
-                if plan.chunks and n == plan.chunks[0] and plan.pos == history:
-                    plan.chunks.pop(0)
-                    plan.pos = history + n
-                else:  # vLLM cut the chunk further: replan from where the request is
-                    plan.chunks = []
-                    plan.pos = history + n
-            if history + n >= req.num_tokens:
+            if self.sizer is not None:
+                self.sizer.advance(rid, history, n)
+            if history + n >= total:
                 finishing.append(rid)
-                self.plans.pop(rid, None)
+                if self.sizer is not None:
+                    self.sizer.forget([rid])
                 logger.debug("dcpp: request %s prefill chunks %s", rid, log)
         if self.cfg.need_timing and batch:
             if len(batch) > 1:  # shared steps: these requests' prefill times are not their own
                 for rid in out.num_scheduled_tokens:
                     if rid in self._prefills:
                         self._prefills[rid][3] = False
-            if finishing:
-                self._finishing[id(out)] = finishing
             sent = self.timing.track(out, batch, has_prefill)
-            self.pending[id(out)] = (now, batch, has_prefill, sent)
-            if len(self.pending) > 64:  # outputs that never came back (should not happen)
-                for k in list(self.pending)[:-64]:
-                    del self.pending[k]
-                    self._finishing.pop(k, None)
+            self.ledger.push(LedgerEntry(sent.fingerprint, now, batch, has_prefill, finishing,
+                                         sent))
 
     def on_output(self, scheduler_output: Any, t_out: float, idle: bool = False) -> None:
         if not self.cfg.need_timing:
             return
-        entry = self.pending.pop(id(scheduler_output), None)
-        done = self._finishing.pop(id(scheduler_output), None)
+        entry = self.ledger.pop(vllm_compat.step_fingerprint(scheduler_output))
         last, self.last_output_t = self.last_output_t, t_out
         if entry is not None and self.model is not None:
-            t_sched, batch, has_prefill = entry[:3]
             # Only steps that queued behind another in the pipeline measure the pace (the step
             # interval); the first step of a burst also includes the fill of all stages.
-            if has_prefill and last is not None and last > t_sched and t_out > last:
-                self._observe_interval(batch, t_out - last, entry[3] if len(entry) > 3 else None)
+            if (entry.has_prefill and last is not None and last > entry.scheduled_at
+                    and t_out > last):
+                self._observe_interval(entry.batch, t_out - last, entry.sent)
         if self.stage_timing:
             self.timing.poll(idle, self._observe_stage_time)
-        if done:
-            self._observe_requests(done, t_out)
+        if entry is not None and entry.finishing:
+            self._observe_requests(entry.finishing, t_out)
         if (idle and self._unsaved
                 and time.monotonic() - self._saved_at >= calibration_store.SAVE_IDLE_S):
             # vLLM's API server kills the engine core at shutdown (unless --shutdown-timeout
@@ -630,12 +554,12 @@ class DcppRuntime:
 
     def forget(self, request_ids: Any) -> None:
         """Drop the plans and prefill timers of `request_ids` (None: of every request)."""
+        if self.sizer is not None:
+            self.sizer.forget(request_ids)
         if request_ids is None:
-            self.plans.clear()
             self._prefills.clear()
             return
         for rid in request_ids:
-            self.plans.pop(rid, None)
             self._prefills.pop(rid, None)
 
     def stats(self) -> dict:
@@ -689,7 +613,8 @@ def _additional(vllm_config: Any) -> dict | None:
 class _DcppMixin:
     """Adds dcpp's chunk sizing to a vLLM scheduler class."""
 
-    dcpp: DcppRuntime | None
+    dcpp: DcppRuntime | None = None
+    """None: dcpp off (also for a scheduler built without __init__, as vLLM's tests do)."""
 
     def __init__(self, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(vllm_config, *args, **kwargs)
@@ -704,7 +629,8 @@ class _DcppMixin:
         try:
             out = super().schedule(*args, **kwargs)
         except BaseException:
-            rt.step = None
+            if rt.sizer is not None:
+                rt.sizer.end_step()
             raise
         rt.end_step(self, out)
         return out
@@ -712,9 +638,15 @@ class _DcppMixin:
     def _reserve_prefill_lookahead(self, request: Any, num_computed_tokens: int,
                                    num_new_tokens: int) -> int:
         rt = self.dcpp
-        if rt is not None and num_new_tokens > 1:
-            num_new_tokens = rt.cap(request, int(num_computed_tokens), int(num_new_tokens))
-        return super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
+        if rt is None or num_new_tokens <= 1:
+            return super()._reserve_prefill_lookahead(request, num_computed_tokens,
+                                                      num_new_tokens)
+        sized = rt.cap(self, request, int(num_computed_tokens), int(num_new_tokens))
+        got = super()._reserve_prefill_lookahead(request, num_computed_tokens, sized)
+        if got == 0 and sized != num_new_tokens:  # dcpp's cut fell in vLLM's lookahead window
+            got = super()._reserve_prefill_lookahead(request, num_computed_tokens,
+                                                     num_new_tokens)
+        return got
 
     def update_from_output(self, scheduler_output: Any, model_runner_output: Any):
         rt = self.dcpp

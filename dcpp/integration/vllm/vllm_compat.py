@@ -164,6 +164,58 @@ def worker_stage(worker: Any) -> dict:
         return {"pp_rank": -1, "tp_rank": -1}
 
 
+# --------------------------------------------------------------------------- scheduler state
+
+
+def decode_tokens(scheduler: Any) -> int:
+    """Tokens the running decodes (with their speculative tokens) take this step."""
+    n = 0
+    for r in scheduler.running:
+        if r.num_tokens - r.num_computed_tokens <= 1:
+            n += max(0, r.num_tokens_with_spec - r.num_computed_tokens)
+    return n
+
+
+def request_num_tokens(request: Any) -> int:
+    """Tokens of the request so far: prompt plus outputs (a resumed request re-prefills them)."""
+    return int(request.num_tokens)
+
+
+def unsplittable_encoder_spans(scheduler: Any, request: Any) -> tuple[tuple[int, int], ...]:
+    """(offset, length) of the request's encoder inputs when vLLM must not split one over two
+    chunks (`scheduler_config.disable_chunked_mm_input`); () otherwise."""
+    config = getattr(scheduler, "scheduler_config", None)
+    if not getattr(config, "disable_chunked_mm_input", False):
+        return ()
+    features = getattr(request, "mm_features", None) or ()
+    return tuple((int(f.mm_position.offset), int(f.mm_position.length)) for f in features)
+
+
+def mamba_block_align(scheduler: Any) -> int:
+    """Block size at whose multiples a prefill chunk must end (vLLM's Mamba "align" cache
+    mode, `need_mamba_block_aligned_split`); 1 when no alignment applies."""
+    if not getattr(scheduler, "need_mamba_block_aligned_split", False):
+        return 1
+    return int(scheduler.cache_config.block_size)
+
+
+def scheduled_requests(scheduler: Any,
+                       scheduler_output: Any) -> list[tuple[str, int, int, bool, int]]:
+    """(request id, tokens scheduled, history before them, prefill?, request's tokens) per
+    request of a step just scheduled (requests already gone are left out). Prefill means the
+    step computes known tokens before the last one; a decode, speculative draft tokens
+    included, is not prefill."""
+    out = []
+    for rid, n in scheduler_output.num_scheduled_tokens.items():
+        req = scheduler.requests.get(rid)
+        if req is None:
+            continue
+        n, total = int(n), int(req.num_tokens)
+        history = int(req.num_computed_tokens) - n  # vLLM advances it at schedule time
+        out.append((rid, n, history, history < total - 1, total))
+    return out
+
+
 # --------------------------------------------------------------------------- request fields
 
 

@@ -1,0 +1,217 @@
+"""`ChunkSizer`: per-request chunk plans and the step's time budget (plain Python, no vLLM).
+
+The scheduler hook asks once per request and step: "vLLM offers this request `offered` new
+tokens; how many should it take?" The answer is never 0 and never more than `offered`, so dcpp
+changes the size of chunks, never which requests run (vLLM's order, priorities and admission
+caps stay vLLM's). A request's plan is computed once, when its prefill starts (or after a
+prefix hit / preemption moved it), and continued after a trim without a new plan.
+
+Several prefills in one step share a time budget: the first planned prefill's chunk sets the
+step's target time, later ones get the largest chunk that keeps the step's predicted time
+within it (closed form), but at least `min(remaining, floor)` tokens.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Callable, Protocol
+
+#: Plan names a request may pick; "off" leaves the request to vLLM's own chunking.
+PLAN_OFF = "off"
+PLAN_MODES = ("pipeline", "equal_time", "static")
+
+MAX_LOGGED_REQUESTS = 4096
+
+
+class LatencyModel(Protocol):
+    c: float
+
+    def predict_time(self, chunk: float, history: float) -> float: ...
+
+    def solve_chunk(self, target: float, history: float) -> float: ...
+
+
+#: planner(mode, tokens to prefill, history) -> chunk sizes covering exactly those tokens.
+Planner = Callable[[str, int, int], list]
+
+
+@dataclasses.dataclass
+class RequestPlan:
+    mode: str
+    chunks: list[int]
+    """Planned chunk sizes still to run (chunks[0] starts at `pos`)."""
+    pos: int
+    """Token position where chunks[0] starts."""
+    log: list[int]
+    """This request's `ChunkSizer.plan_log` entry: chunks run, then `chunks`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Ask:
+    """One request's question to the sizer in one step (all counts in tokens)."""
+
+    request_id: str
+    mode: str
+    """The request's plan mode (`PLAN_MODES` or `PLAN_OFF`)."""
+    total: int
+    """Tokens the request has (prompt, plus outputs for a resumed request)."""
+    history: int
+    """Tokens computed before this step's chunk."""
+    offered: int
+    """vLLM's own number of new tokens for the request this step (>= 1)."""
+    encoder_spans: tuple[tuple[int, int], ...] = ()
+    """(start, length) of encoder inputs a chunk must not end inside (vLLM's
+    `disable_chunked_mm_input`); empty otherwise."""
+    block_align: int = 1
+    """Non-final chunks end at multiples of this position (vLLM's Mamba block-aligned split);
+    1: none."""
+
+
+class _Step:
+    __slots__ = ("prefill_room", "target_s", "batch_s")
+
+    def __init__(self, prefill_room: int) -> None:
+        self.prefill_room = prefill_room
+        self.target_s: float | None = None
+        self.batch_s = 0.0
+        """Predicted seconds of the prefills granted so far (the fixed cost counted once)."""
+
+
+class ChunkSizer:
+    """Plans per request and the step budget for one engine (one model, budget, floor)."""
+
+    def __init__(self, planner: Planner, *, floor: int, align: int) -> None:
+        self._planner = planner
+        self.floor = int(floor)
+        """Smallest chunk dcpp sizes a non-final chunk to (min_chunk aligned, <= budget)."""
+        self.align = int(align)
+        self.model: LatencyModel | None = None
+        self.plans: dict[str, RequestPlan] = {}
+        self.plan_log: collections.OrderedDict[str, tuple[int, list[int]]] = (
+            collections.OrderedDict())
+        """Per request: (history at its first planned chunk, every chunk planned for it)."""
+        self.num_plans = 0
+        """Planner calls so far (one per request unless it was moved by a hit or preemption)."""
+        self._step: _Step | None = None
+
+    # ------------------------------------------------------------------ step
+    def begin_step(self, prefill_room: int) -> None:
+        """A new step whose prefills may take `prefill_room` tokens (budget minus decodes)."""
+        self._step = _Step(max(0, int(prefill_room)))
+
+    def end_step(self) -> None:
+        self._step = None
+
+    @property
+    def in_step(self) -> bool:
+        return self._step is not None
+
+    def size(self, ask: Ask) -> int:
+        """Tokens `ask.request_id` takes this step: in [1, offered], >= min(remaining, floor)."""
+        offered = ask.offered
+        remaining = ask.total - ask.history
+        step, model = self._step, self.model
+        if (step is None or model is None or offered <= 1 or remaining <= 1
+                or ask.mode == PLAN_OFF):
+            return offered
+        plan = self._plan_for(ask)
+        want = min(plan.chunks[0], offered, max(step.prefill_room, 1))
+        if step.target_s is None:
+            step.target_s = float(model.predict_time(plan.chunks[0], ask.history))
+        else:
+            # Room left in the step's time: t(batch + [(x, h)]) = batch_s + t(x, h) - c.
+            fit = model.solve_chunk(step.target_s - step.batch_s + model.c, ask.history)
+            if fit < want:
+                want = int(fit) - int(fit) % self.align if fit >= self.align else int(fit)
+        want = max(want, min(remaining, self.floor, offered), 1)
+        want = self._respect_boundaries(ask, min(want, offered))
+        step.batch_s += float(model.predict_time(want, ask.history)) - (
+            model.c if step.batch_s else 0.0)
+        step.prefill_room -= want
+        return want
+
+    @staticmethod
+    def _respect_boundaries(ask: Ask, want: int) -> int:
+        """Never end inside an encoder input (take it whole, which vLLM's offer allows, else
+        cut before it), and keep Mamba block alignment for non-final chunks."""
+        end = ask.history + want
+        for start, length in ask.encoder_spans:
+            if start < end < start + length:
+                whole = start + length - ask.history
+                end = start + length if whole <= ask.offered or start <= ask.history else start
+        a = ask.block_align
+        if a > 1 and ask.history < end < min(ask.total, ask.history + ask.offered):
+            # Mamba "align" mode caches state at absolute block boundaries.
+            end = end - end % a if end - end % a > ask.history else ask.history + ask.offered
+        return max(1, min(end - ask.history, ask.offered))
+
+    # ------------------------------------------------------------------ plans
+    def _plan_for(self, ask: Ask) -> RequestPlan:
+        rid = ask.request_id
+        plan = self.plans.get(rid)
+        if plan is not None and plan.mode == ask.mode and plan.pos == ask.history and plan.chunks:
+            return plan
+        chunks = [int(c) for c in self._planner(ask.mode, ask.total - ask.history, ask.history)]
+        self.num_plans += 1
+        if sum(chunks) != ask.total - ask.history or any(c <= 0 for c in chunks):
+            raise AssertionError(
+                f"chunker plan {chunks} does not cover tokens {ask.history}..{ask.total}")
+        start, done = self.plan_log.get(rid, (ask.history, []))
+        # Chunks already run (before a move) stay in the log; the rest is the new plan.
+        log = done[:_chunks_until(done, start, ask.history)] + chunks
+        plan = RequestPlan(mode=ask.mode, chunks=chunks, pos=ask.history, log=log)
+        self.plans[rid] = plan
+        self.plan_log[rid] = (start, log)
+        self.plan_log.move_to_end(rid)
+        while len(self.plan_log) > MAX_LOGGED_REQUESTS:
+            self.plan_log.popitem(last=False)
+        return plan
+
+    def advance(self, request_id: str, history: int, ran: int) -> None:
+        """`ran` tokens of `request_id` were scheduled at `history`: continue its plan. A chunk
+        trimmed below plan (by vLLM's budget, the step's time or a boundary) leaves its rest
+        as the next chunk; a rest below the alignment joins the chunk after it."""
+        plan = self.plans.get(request_id)
+        if plan is None or plan.pos != history or not plan.chunks:
+            return
+        rest = plan.chunks[0] - ran
+        plan.pos = history + ran
+        if rest != 0:  # the log shows what ran: this chunk, then the rest of the plan
+            idx = len(plan.log) - len(plan.chunks)
+            plan.log[idx:] = [ran]
+        if rest > 0:
+            plan.chunks[0] = rest
+            if rest < self.align and len(plan.chunks) > 1:
+                plan.chunks[1] += plan.chunks.pop(0)
+        else:
+            plan.chunks.pop(0)
+            while rest < 0 and plan.chunks:  # took more than planned (a boundary): eat ahead
+                take = min(-rest, plan.chunks[0])
+                plan.chunks[0] -= take
+                rest += take
+                if plan.chunks[0] == 0:
+                    plan.chunks.pop(0)
+        if rest != 0:
+            plan.log.extend(plan.chunks)
+        if not plan.chunks:
+            self.plans.pop(request_id, None)
+
+    def forget(self, request_ids: object) -> None:
+        """Drop the plans of `request_ids` (None: of every request)."""
+        if request_ids is None:
+            self.plans.clear()
+            return
+        for rid in request_ids:  # type: ignore[attr-defined]
+            self.plans.pop(rid, None)
+
+
+def _chunks_until(chunks: list[int], start: int, pos: int) -> int:
+    """How many leading `chunks` (run from `start`) end at or before `pos`."""
+    n, h = 0, start
+    for c in chunks:
+        if h + c > pos:
+            break
+        h += c
+        n += 1
+    return n
