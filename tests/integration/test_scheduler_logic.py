@@ -55,17 +55,22 @@ class FakeExecutor:
         self.fn, self.fail, self.calls = fn, fail, 0
         self.step_timing, self.queued = step_timing, []
         self.repeats = []  # runs per profiling pass (best of), per call
+        self.every = 1  # the workers' timing rate, as the scheduler's RPCs set it
+        self.synced = 0  # steps the workers timed (and synchronised on)
 
     def collective_rpc(self, method, timeout=None, args=(), kwargs=None, non_block=False):
         name = method if isinstance(method, str) else method.__name__
         if name.endswith("enable_step_timing"):
             if not self.step_timing:
                 raise RuntimeError("no step timing in this fake")
+            self.every = args[0] if args else 1
             return [{"pp_rank": r, "ok": True} for r in range(2)]
         if name.endswith("drain_step_times"):
             out = [{"pp_rank": r, "times": [(fp, secs[r]) for fp, secs in self.queued]}
                    for r in range(2)]
             self.queued = []
+            if args and args[0] is not None:
+                self.every = args[0]
             return FakeFuture(out) if non_block else out
         self.calls += 1
         if self.fail:
@@ -302,6 +307,9 @@ def test_a_few_steps_from_one_region_do_not_rescale_the_whole_model(tmp_path, mo
     long prompt running 40% slower than the model (a shape error there, or a burst of noise)
     must not make every other step 40% dearer; a machine that really got slower (every step)
     is followed within a few dozen steps."""
+    from dcpp.integration.vllm import scheduler as sched_mod
+
+    monkeypatch.setattr(sched_mod, "TIMING_SAMPLE_EVERY", 1)  # the scale's rule, not sampling
     ex = FakeExecutor(step_timing=True)
     rt = runtime(tmp_path, monkeypatch, executor=ex)
     _run_timed_steps(rt, ex, 64, 0.0, factor=1.0)  # the 64th step triggers a refit
@@ -314,6 +322,27 @@ def test_a_few_steps_from_one_region_do_not_rescale_the_whole_model(tmp_path, mo
     _run_timed_steps(rt, ex, 48, 0.0, factor=1.5)
     assert rt.compute_model.predict_time(512, 1024) / true_time(512, 1024) == pytest.approx(
         1.5, rel=0.1)
+
+
+def test_calibrated_workers_time_one_step_in_eight_and_every_step_on_drift(tmp_path,
+                                                                          monkeypatch):
+    """Until calibrated every step is timed (a device sync each); then 1 in 8; when the
+    machine gets slower the error rises above drift_threshold and every step is timed again
+    until the model follows."""
+    ex = FakeExecutor(step_timing=True)
+    rt = runtime(tmp_path, monkeypatch, executor=ex)
+    _run_timed_steps(rt, ex, 64, 4e-3)
+    assert ex.synced == 64 and rt.timing.every == 8
+    ex.synced = 0
+    _run_timed_steps(rt, ex, 400, 4e-3)
+    assert rt.timing.every == 8
+    assert 400 / 16 < ex.synced < 400 / 4, ex.synced  # about 1 in 8
+    assert rt.stats()["timed_steps"] < rt.stats()["tracked_steps"]
+    ex.synced = 0
+    _run_timed_steps(rt, ex, 200, 4e-3, factor=2.0)  # twice as slow from now on
+    assert ex.synced > 200 / 4  # drift: every step timed for a while
+    assert rt.compute_model.predict_time(512, 1024) == pytest.approx(
+        2.0 * true_time(512, 1024), rel=0.1)
 
 
 def _shape(i):
@@ -342,8 +371,10 @@ def _run_timed_steps(rt, ex, n, overhead, factor=1.3, shape=_shape):
         out = NS(num_scheduled_tokens={r.request_id: c})
         rt.end_step(s, out)
         rt.ledger._queue[-1].scheduled_at = t - 1e-4  # queued behind the previous step
-        ex.queued.append((vllm_compat.step_fingerprint(out),
-                          (0.9 * slower(c, h), slower(c, h))))
+        fp = vllm_compat.step_fingerprint(out)
+        if vllm_compat.step_is_timed(fp, ex.every):  # what a worker's sampled timer records
+            ex.synced += 1
+            ex.queued.append((fp, (0.9 * slower(c, h), slower(c, h))))
         bubble = max(0.0, slower(c, h) - prev) if prev is not None else 0.0
         t += slower(c, h) + overhead + bubble
         prev = slower(c, h)
@@ -458,7 +489,7 @@ def test_restart_starts_from_the_saved_calibration(tmp_path, monkeypatch):
     ex2 = FakeExecutor(fn=wrong, step_timing=True)
     rt2 = runtime(tmp_path, monkeypatch, executor=ex2)
     assert rt2.profile_source == "cache" and ex2.calls == 0
-    assert len(rt2.step_samples) == 96 and rt2.num_observations == 0
+    assert len(rt2.step_samples) == len(rt.step_samples) > 64 and rt2.num_observations == 0
     assert rt2.overhead_s() == pytest.approx(rt.overhead_s())
     assert rt2.model.c == pytest.approx(rt2.compute_model.c + overhead, rel=0.05)
     for c, h in [(256, 0), (704, 7680), (512, 4096)]:  # the profile's shape is corrected

@@ -6,9 +6,10 @@ changes the size of chunks, never which requests run (vLLM's order, priorities a
 caps stay vLLM's). A request's plan is computed once, when its prefill starts (or after a
 prefix hit / preemption moved it), and continued after a trim without a new plan.
 
-Several prefills in one step share a time budget: the first planned prefill's chunk sets the
-step's target time, later ones get the largest chunk that keeps the step's predicted time
-within it (closed form), but at least `min(remaining, floor)` tokens.
+Several prefills in one step share a time budget: the step may take as long as the longest
+planned chunk among its prefills (each plan's chunk for this step, at its history); a prefill
+sized after others gets the largest chunk that keeps the step's predicted time within that
+(closed form), but at least `min(remaining, floor)` tokens.
 """
 
 from __future__ import annotations
@@ -117,9 +118,9 @@ class ChunkSizer:
             return offered
         plan = self._plan_for(ask)
         want = min(plan.chunks[0], offered, max(step.prefill_room, 1))
-        if step.target_s is None:
-            step.target_s = float(model.predict_time(plan.chunks[0], ask.history))
-        else:
+        own_s = float(model.predict_time(plan.chunks[0], ask.history))
+        step.target_s = own_s if step.target_s is None else max(step.target_s, own_s)
+        if step.batch_s:
             # Room left in the step's time: t(batch + [(x, h)]) = batch_s + t(x, h) - c.
             fit = model.solve_chunk(step.target_s - step.batch_s + model.c, ask.history)
             if fit < want:

@@ -71,6 +71,12 @@ spanning several requests: consecutive steps come from one region of (chunk, his
 of them must not rescale every other region. A refit refills the window against the new base.
 Only at start-up (profile vs real steps, often a global offset) do `SCALE_MIN_STEPS` suffice."""
 
+TIMING_SAMPLE_EVERY = 8
+"""Once calibrated, workers time (and synchronise on) 1 in this many steps."""
+
+DRIFT_SPAN = 8
+"""Recent steps whose median error decides whether drift is suspected (all steps timed)."""
+
 STEADY = 0.10
 """Consecutive prefill steps whose slowest-stage compute differs by at most this fraction count
 as a steady pipeline (only those measure the per-step overhead)."""
@@ -385,6 +391,15 @@ class DcppRuntime:
             self.metrics.step_seconds.observe(measured)
             self.metrics.overhead.set(self.overhead_s())
         self._observe_compute(batch, measured)
+        self.timing.every = 1 if self.drift_suspected() else TIMING_SAMPLE_EVERY
+
+    def drift_suspected(self) -> bool:
+        """Not calibrated yet, or the recent steps' median error is above drift_threshold:
+        workers then time every step."""
+        if self.num_observations < REFIT_MIN_STEPS or len(self.errors) < DRIFT_SPAN:
+            return True
+        recent = list(self.errors)[-DRIFT_SPAN:]
+        return statistics.median(recent) > float(self.cfg.drift_threshold)
 
     def _observe_compute(self, batch: list, measured: float) -> None:
         """Calibrate on one step's slowest-stage compute, in two time scales.
@@ -571,6 +586,8 @@ class DcppRuntime:
             "num_refits": self.num_refits,
             "median_prediction_error": self.median_error(),
             "stage_timing": self.stage_timing,
+            "timed_steps": self.timing.steps_timed,
+            "tracked_steps": self.timing.steps_seen,
             "overhead_s": self.overhead_s(),
             "median_interval_error": (statistics.median(self.interval_errors)
                                       if self.interval_errors else float("nan")),

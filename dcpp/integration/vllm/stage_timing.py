@@ -45,6 +45,13 @@ class StageTiming:
         """Steps not yet asked for (the next drain RPC covers them)."""
         self.drain: tuple[Any, list[SentStep]] | None = None
         """The drain RPC in flight: (its future, the steps it covers)."""
+        self.every = 1
+        """Workers time 1 in `every` steps (`vllm_compat.step_is_timed`)."""
+        self._workers_every = 1
+        """The rate the workers were last told."""
+        self.steps_seen = 0
+        self.steps_timed = 0
+        """Steps tracked while timing was on, and those of them the workers time."""
 
     def _rpc(self, name: str) -> Any:
         from dcpp.integration.vllm import WORKER_EXTENSION_CLS
@@ -58,7 +65,8 @@ class StageTiming:
         if self.executor is None:
             return
         try:
-            res = self.executor.collective_rpc(self._rpc("enable_step_timing"), timeout=60)
+            res = self.executor.collective_rpc(self._rpc("enable_step_timing"), timeout=60,
+                                               args=(self.every,))
             self.on = bool(res) and all(isinstance(r, dict) and r.get("ok") for r in res)
         except Exception as exc:
             logger.warning("dcpp: per-stage step timing unavailable (%s: %s); calibrating on "
@@ -71,7 +79,10 @@ class StageTiming:
         """A record of the scheduled step `out`; queued for the next drain while timing is on."""
         step = SentStep(vllm_compat.step_fingerprint(out), batch, has_prefill)
         if self.on:
-            self.sent.append(step)
+            self.steps_seen += 1
+            if vllm_compat.step_is_timed(step.fingerprint, self._workers_every):
+                self.steps_timed += 1
+                self.sent.append(step)
         return step
 
     def poll(self, idle: bool, sink: StepSink) -> None:
@@ -88,18 +99,23 @@ class StageTiming:
                                "timing off", type(exc).__name__, exc)
                 self.on = False
                 return
-        if self.drain is None and self.sent and (idle or len(self.sent) >= 8):
+        rate_changed = self.every != self._workers_every
+        if self.drain is None and (rate_changed or self.sent and (idle or len(self.sent) >= 8)):
             steps = list(self.sent)
             self.sent.clear()
+            # The new rate rides on the drain (no extra RPC); steps in flight may be timed at
+            # the old one: the ones a rank did not time are dropped by `_match`.
+            every = self.every if self.every != self._workers_every else None
             try:
                 future = self.executor.collective_rpc(self._rpc("drain_step_times"),
-                                                      non_block=True)
+                                                      args=(every,), non_block=True)
             except Exception as exc:
                 logger.warning("dcpp: step-time RPC failed (%s: %s); per-stage timing off",
                                type(exc).__name__, exc)
                 self.on = False
                 return
             self.drain = (future, steps)
+            self._workers_every = self.every
             if idle:
                 self.poll(idle=True, sink=sink)
 

@@ -232,17 +232,36 @@ def request_plan_override(request: Any) -> str | None:
 # --------------------------------------------------------------------------- per-step timing
 
 _STEP_TIMES_ATTR = "_dcpp_step_times"
+_STEP_RATE_ATTR = "_dcpp_step_rate"
 
 
 def step_fingerprint(scheduler_output: Any) -> int:
     """Identifies one scheduled step on both sides of the executor (the scheduler and every
-    worker receive the same `num_scheduled_tokens` mapping)."""
-    # A CRC, not hash(): string hashes are salted per process.
+    worker receive the same SchedulerOutput): the tokens scheduled per request and where the
+    requests stand (so consecutive equal chunks of one prompt differ)."""
     items = sorted(scheduler_output.num_scheduled_tokens.items())
-    return zlib.crc32(repr(items).encode())
+    new = getattr(scheduler_output, "scheduled_new_reqs", None) or ()
+    cached = getattr(scheduler_output, "scheduled_cached_reqs", None)
+    where = sum(int(r.num_computed_tokens) for r in new) + sum(
+        int(n) for n in (getattr(cached, "num_computed_tokens", None) or ()))
+    # A CRC, not hash(): string hashes are salted per process.
+    return zlib.crc32(repr((items, where)).encode())
 
 
-def install_step_timer(worker: Any, maxlen: int = 4096) -> bool:
+def step_is_timed(fingerprint: int, every: int) -> bool:
+    """Whether workers timing 1 in `every` steps time this one (the same choice on every rank
+    and in the scheduler, without any message per step)."""
+    return every <= 1 or fingerprint % every == 0
+
+
+def set_step_timing_rate(worker: Any, every: int) -> None:
+    """Time 1 in `every` steps from now on (see `step_is_timed`); the others run unsynced."""
+    rate = getattr(worker.model_runner, _STEP_RATE_ATTR, None)
+    if rate is not None:
+        rate[0] = max(1, int(every))
+
+
+def install_step_timer(worker: Any, maxlen: int = 4096, every: int = 1) -> bool:
     """Time this worker's share of every step: its model runner's `execute_model` (the forward
     of this stage's layers) plus `sample_tokens` (the last stage's sampling). Installed as
     instance attributes that shadow vLLM's methods on this worker only (vLLM 0.32: `Worker`
@@ -257,8 +276,10 @@ def install_step_timer(worker: Any, maxlen: int = 4096) -> bool:
 
     runner = worker.model_runner
     if getattr(runner, _STEP_TIMES_ATTR, None) is not None:
+        set_step_timing_rate(worker, every)
         return True
     records: collections.deque = collections.deque(maxlen=maxlen)
+    rate = [max(1, int(every))]
     execute = runner.execute_model
     sample = getattr(runner, "sample_tokens", None)
     last: list = [None]  # the record of the latest forward, completed by sample_tokens
@@ -266,13 +287,17 @@ def install_step_timer(worker: Any, maxlen: int = 4096) -> bool:
     def timed_execute_model(scheduler_output, intermediate_tensors=None, *args, **kwargs):
         if scheduler_output.total_num_scheduled_tokens <= 0:
             return execute(scheduler_output, intermediate_tensors, *args, **kwargs)
+        fp = step_fingerprint(scheduler_output)
+        if not step_is_timed(fp, rate[0]):  # not sampled: no sync, no record
+            last[0] = None
+            return execute(scheduler_output, intermediate_tensors, *args, **kwargs)
         wait = getattr(intermediate_tensors, "wait_for_comm", None)
         if callable(wait):
             wait()
         t0 = time.perf_counter()
         out = execute(scheduler_output, intermediate_tensors, *args, **kwargs)
         _sync(runner)
-        rec = [step_fingerprint(scheduler_output), time.perf_counter() - t0]
+        rec = [fp, time.perf_counter() - t0]
         records.append(rec)
         last[0] = rec
         return out
@@ -289,6 +314,7 @@ def install_step_timer(worker: Any, maxlen: int = 4096) -> bool:
     if callable(sample):
         runner.sample_tokens = timed_sample_tokens
     setattr(runner, _STEP_TIMES_ATTR, records)
+    setattr(runner, _STEP_RATE_ATTR, rate)
     return True
 
 

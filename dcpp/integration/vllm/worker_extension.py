@@ -19,17 +19,20 @@ def stage_timed_prefill(worker: Any, num_tokens: int, history: int, repeats: int
     return info
 
 
-def enable_step_timing(worker: Any) -> dict:
-    """Start recording this stage's compute time of every step (need_timing only)."""
+def enable_step_timing(worker: Any, every: int = 1) -> dict:
+    """Start recording this stage's compute time of 1 in `every` steps (need_timing only)."""
     info = vllm_compat.worker_stage(worker)
-    info["ok"] = vllm_compat.install_step_timer(worker)
+    info["ok"] = vllm_compat.install_step_timer(worker, every=every)
     return info
 
 
-def drain_step_times(worker: Any) -> dict:
-    """This stage's step compute times recorded since the last call."""
+def drain_step_times(worker: Any, every: int | None = None) -> dict:
+    """This stage's step compute times recorded since the last call; then time 1 in `every`
+    steps (None: keep the rate)."""
     info = vllm_compat.worker_stage(worker)
     info["times"] = vllm_compat.drain_step_times(worker)
+    if every is not None:
+        vllm_compat.set_step_timing_rate(worker, every)
     return info
 
 
@@ -39,8 +42,8 @@ class DcppWorkerExtension:
     def dcpp_timed_prefill(self, num_tokens: int, history: int, repeats: int = 1) -> dict:
         return stage_timed_prefill(self, num_tokens, history, repeats)
 
-    def dcpp_enable_step_timing(self) -> dict:
-        return enable_step_timing(self)
+    def dcpp_enable_step_timing(self, every: int = 1) -> dict:
+        return enable_step_timing(self, every)
 
-    def dcpp_drain_step_times(self) -> dict:
-        return drain_step_times(self)
+    def dcpp_drain_step_times(self, every: int | None = None) -> dict:
+        return drain_step_times(self, every)

@@ -1,0 +1,165 @@
+"""`ChunkSizer` on its own (no vLLM): dcpp changes chunk sizes, never which requests run."""
+
+from __future__ import annotations
+
+import pytest
+
+from dcpp.chunker.latency_model import HistoryLatencyModel
+from dcpp.integration.vllm.chunk_sizer import PLAN_OFF, Ask, ChunkSizer
+
+# 2 ms per step, 1 us per token, attention 4e-9 per token pair.
+MODEL = HistoryLatencyModel(alpha=2e-9, beta=4e-9, gamma=1e-6, delta=0.0, c=2e-3)
+
+
+class CountingPlanner:
+    """Hand-made plans: 512-token chunks (the last one the rest); counts its calls."""
+
+    def __init__(self, chunk=512):
+        self.chunk, self.calls = chunk, []
+
+    def __call__(self, mode, n, history):
+        self.calls.append((mode, n, history))
+        return [self.chunk] * (n // self.chunk) + ([n % self.chunk] if n % self.chunk else [])
+
+
+def sizer(floor=128, align=64, chunk=512):
+    planner = CountingPlanner(chunk)
+    s = ChunkSizer(planner, floor=floor, align=align)
+    s.model = MODEL
+    return s, planner
+
+
+def ask(rid, total, history=0, offered=4096, **kw):
+    return Ask(request_id=rid, mode=kw.pop("mode", "pipeline"), total=total, history=history,
+               offered=min(offered, total - history), **kw)
+
+
+def test_a_burst_of_short_requests_all_run_in_one_step():
+    """vLLM offers 10 short requests in one step: every one is scheduled whole (requests up to
+    the floor, min_chunk, are never split; vLLM's default budget keeps it >= 2048)."""
+    s, _ = sizer(floor=512)
+    s.begin_step(4096)
+    got = [s.size(ask(f"r{i}", 10)) for i in range(10)]
+    assert got == [10] * 10
+    s.begin_step(4096)
+    got = [s.size(ask(f"m{i}", 300)) for i in range(8)]
+    assert got == [300] * 8
+
+
+def test_later_prefills_get_the_floor_not_zero_and_never_more_than_offered():
+    s, _ = sizer(floor=256)
+    s.begin_step(4096)
+    first = s.size(ask("long", 100_000, history=50_000))
+    assert first == 512  # its plan's chunk sets the step's time
+    # The step's time is spent (history 50k makes the first chunk slow, and the later plans'
+    # chunks are faster); later prefills get the floor, a short one its whole prompt, a
+    # request offered less gets what was offered.
+    assert s.size(ask("b", 100_000)) >= 256
+    assert s.size(ask("c", 200)) == 200
+    assert s.size(ask("d", 100_000, offered=100)) == 100
+
+
+def test_a_later_prefill_fills_the_remaining_time_exactly():
+    """The step may take as long as the longest planned chunk of its prefills; a prefill
+    sized after a short one fills the step up to its own planned chunk's time."""
+    s, _ = sizer(floor=64, chunk=2048)
+    s.begin_step(8192)
+    assert s.size(ask("a", 2048 + 300, history=2048)) == 300  # a plan's short last chunk
+    second = s.size(ask("b", 10_000, history=1024))  # plans 2048 now
+    target = MODEL.predict_time(2048, 1024)
+    # Hand oracle: the largest 64-aligned x with t([(300, 2048), (x, 1024)]) <= target.
+    best = max(x for x in range(64, 2049, 64)
+               if MODEL.predict_batch([(300, 2048), (x, 1024)]) <= target)
+    assert second == best < 2048
+
+
+def test_short_requests_first_do_not_starve_a_long_prefill():
+    s, _ = sizer(floor=256, chunk=2048)
+    s.begin_step(8192)
+    assert [s.size(ask(f"s{i}", 10)) for i in range(10)] == [10] * 10
+    assert s.size(ask("long", 20_000)) > 1800
+
+
+def test_decodes_keep_their_room():
+    """`begin_step` is told the budget minus the decodes' tokens; a prefill stays within it,
+    and a second one past the room still runs, at the floor."""
+    s, _ = sizer(floor=64)
+    s.begin_step(300)
+    assert s.size(ask("a", 5000)) == 300
+    assert s.size(ask("b", 5000)) == 64
+
+
+def test_off_requests_and_no_model_get_what_vllm_offers():
+    s, planner = sizer()
+    s.begin_step(4096)
+    assert s.size(ask("a", 9000, mode=PLAN_OFF)) == 4096
+    s.model = None
+    assert s.size(ask("b", 9000)) == 4096
+    assert not planner.calls
+
+
+def test_a_trimmed_chunk_continues_the_plan_without_replanning():
+    s, planner = sizer()
+    r = 2000  # plan: 512 512 512 464
+    h = 0
+    s.begin_step(4096)
+    assert s.size(ask("a", r, h, offered=300)) == 300  # vLLM's budget cut the first chunk
+    s.end_step()
+    s.advance("a", h, 300)
+    h = 300
+    s.begin_step(4096)
+    assert s.size(ask("a", r, h)) == 212  # the rest of the planned first chunk
+    s.end_step()
+    s.advance("a", h, 212)
+    h = 512
+    for want in (512, 512, 464):
+        s.begin_step(4096)
+        assert s.size(ask("a", r, h)) == want
+        s.end_step()
+        s.advance("a", h, want)
+        h += want
+    assert len(planner.calls) == 1
+    assert s.plan_log["a"] == (0, [300, 212, 512, 512, 464])
+    assert "a" not in s.plans
+
+
+def test_a_prefix_hit_or_preemption_plans_again_from_where_the_request_is():
+    s, planner = sizer()
+    s.begin_step(4096)
+    s.size(ask("a", 3000))
+    s.end_step()
+    s.advance("a", 0, 512)
+    s.begin_step(4096)
+    s.size(ask("a", 3000, history=256))  # preempted and resumed at 256
+    assert planner.calls == [("pipeline", 3000, 0), ("pipeline", 2744, 256)]
+
+
+def test_chunks_never_end_inside_an_encoder_input():
+    """An image at [400, 700): a chunk from 0 planned to end at 512 takes the image whole when
+    vLLM offered enough, else stops before it."""
+    s, _ = sizer()
+    s.begin_step(4096)
+    assert s.size(ask("a", 3000, encoder_spans=((400, 300),))) == 700
+    s.begin_step(4096)
+    assert s.size(ask("b", 3000, offered=600, encoder_spans=((400, 300),))) == 400
+    s.begin_step(4096)  # an image starting where the chunk starts is taken whole
+    assert s.size(ask("c", 3000, history=400, encoder_spans=((400, 800),))) == 800
+
+
+def test_mamba_alignment_ends_chunks_on_block_boundaries():
+    s, _ = sizer(chunk=500)
+    s.begin_step(4096)
+    assert s.size(ask("a", 3000, block_align=128)) == 384
+    s.begin_step(4096)  # the final chunk need not be aligned
+    assert s.size(ask("b", 3000, history=2900, block_align=128)) == 100
+    s.begin_step(4096)  # shorter than a block past a boundary: vLLM's offer stands
+    assert s.size(ask("c", 3000, history=1000, offered=20, block_align=128)) == 20
+
+
+@pytest.mark.parametrize("offered", [2, 3, 17, 511, 4096])
+def test_never_zero_never_above_offered(offered):
+    s, _ = sizer(floor=1024)
+    s.begin_step(1)  # no room left in the step at all
+    s.size(ask("first", 50_000, history=40_000))
+    got = s.size(ask("x", 50_000, offered=offered))
+    assert 1 <= got <= offered and got >= min(offered, 1024)
