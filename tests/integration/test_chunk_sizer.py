@@ -123,6 +123,17 @@ def test_a_trimmed_chunk_continues_the_plan_without_replanning():
     assert "a" not in s.plans
 
 
+def test_a_chunk_larger_than_planned_eats_into_the_next_planned_chunks():
+    s, planner = sizer()  # plan 512 512 512 464
+    s.begin_step(4096)
+    s.size(ask("a", 2000, encoder_spans=((500, 300),)))  # took the image whole: 800
+    s.end_step()
+    s.advance("a", 0, 800)
+    assert s.plans["a"].chunks == [224, 512, 464] and s.plans["a"].pos == 800
+    assert s.plan_log["a"] == (0, [800, 224, 512, 464])
+    assert len(planner.calls) == 1
+
+
 def test_a_prefix_hit_or_preemption_plans_again_from_where_the_request_is():
     s, planner = sizer()
     s.begin_step(4096)

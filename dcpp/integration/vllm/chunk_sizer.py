@@ -178,7 +178,8 @@ class ChunkSizer:
             return
         rest = plan.chunks[0] - ran
         plan.pos = history + ran
-        if rest != 0:  # the log shows what ran: this chunk, then the rest of the plan
+        trimmed = rest != 0
+        if trimmed:  # the log shows what ran: this chunk, then the rest of the plan
             idx = len(plan.log) - len(plan.chunks)
             plan.log[idx:] = [ran]
         if rest > 0:
@@ -193,7 +194,7 @@ class ChunkSizer:
                 rest += take
                 if plan.chunks[0] == 0:
                     plan.chunks.pop(0)
-        if rest != 0:
+        if trimmed:
             plan.log.extend(plan.chunks)
         if not plan.chunks:
             self.plans.pop(request_id, None)

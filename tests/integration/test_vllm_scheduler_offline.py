@@ -1,0 +1,150 @@
+"""dcpp's scheduler against vLLM's own, side by side, with no model (as vLLM's scheduler tests
+do): the same request stream, fake model outputs, synthetic per-stage timings. dcpp may change
+chunk sizes only: the steps a burst takes and the order requests start in (FCFS and priority)
+match vLLM's; no request starts later than with vLLM."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_testlib import vllm_available
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(not vllm_available(), reason="needs vllm (pip install dcpp[vllm])"),
+]
+
+BUDGET = 2048
+MAX_LEN = 65536
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from dcpp.integration.vllm.harness import tiny_llama
+
+    return tiny_llama(tmp_path_factory.mktemp("offline_llama"), layers=2, hidden=64,
+                      max_len=MAX_LEN)
+
+
+def pair(model_dir, tmp_path, monkeypatch, policy="fcfs", min_chunk=256, **kw):
+    # A fresh profile cache per test: min_chunk is part of the profile's key.
+    """(vLLM's scheduler, dcpp's scheduler, dcpp's synthetic executor)."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from dcpp.integration.vllm import offline
+    from dcpp.integration.vllm.scheduler import DcppScheduler
+
+    monkeypatch.setenv("DCPP_CACHE_DIR", str(tmp_path))
+    ex = offline.SyntheticExecutor()
+    common = dict(budget=BUDGET, max_model_len=MAX_LEN, policy=policy, **kw)
+    ours = offline.build_scheduler(DcppScheduler, model_dir, executor=ex,
+                                   dcpp={"enabled": True, "min_chunk": min_chunk}, **common)
+    assert ours.dcpp is not None and ours.dcpp.model is not None  # really sizing chunks
+    theirs = offline.build_scheduler(Scheduler, model_dir, **common)
+    return theirs, ours, ex
+
+
+def add(sched, specs):
+    """specs: [(request id, prompt length, priority)]: the same ids and prompts for both."""
+    from dcpp.integration.vllm import offline
+
+    for i, (rid, n, prio) in enumerate(specs):
+        sched.add_request(offline.make_request(n, seed=i, priority=prio, request_id=rid,
+                                               arrival_time=float(i), max_tokens=1))
+
+
+def run(sched, ex=None, max_steps=2000):
+    """Steps until every request is done: [{request id: tokens scheduled}] per step."""
+    from dcpp.integration.vllm import offline
+
+    steps = []
+    while sched.has_unfinished_requests():
+        out = sched.schedule()
+        if ex is not None:
+            ex.run(sched, out)
+        steps.append(dict(out.num_scheduled_tokens))
+        sched.update_from_output(out, offline.fake_output(sched, out))
+        assert len(steps) < max_steps
+    return steps
+
+
+def order(steps):
+    """Request ids in the order they were first scheduled (ties: the step's order)."""
+    seen = first_steps(steps)
+    return sorted(seen, key=seen.get)
+
+
+def first_steps(steps):
+    """Request id -> the step it was first scheduled in."""
+    seen = {}
+    for i, step in enumerate(steps):
+        for rid in step:
+            seen.setdefault(rid, i)
+    return seen
+
+
+@pytest.mark.parametrize("n,length,min_chunk", [(10, 10, 256), (6, 300, 4096)])
+def test_a_burst_takes_as_many_steps_as_with_vllm(model_dir, tmp_path, monkeypatch, n, length,
+                                                  min_chunk):
+    """Requests up to min_chunk (vllm-ascend's default 4096, clamped to the budget) are never
+    split, so a burst of them runs in vLLM's steps."""
+    theirs, ours, ex = pair(model_dir, tmp_path, monkeypatch, min_chunk=min_chunk)
+    specs = [(f"r{i}", length, 0) for i in range(n)]
+    add(theirs, specs)
+    add(ours, specs)
+    a, b = run(theirs), run(ours, ex)
+    assert len(a) == len(b)
+    assert a[0] == b[0] == {f"r{i}": length for i in range(n)}  # all in the first step
+
+
+def test_short_requests_beside_a_long_prefill_start_when_vllms_do(model_dir, tmp_path,
+                                                                 monkeypatch):
+    theirs, ours, ex = pair(model_dir, tmp_path, monkeypatch)
+    specs = [("long", 30_000, 0)] + [(f"s{i}", 200 + 50 * i, 0) for i in range(6)]
+    add(theirs, specs)
+    add(ours, specs)
+    a, b = run(theirs), run(ours, ex)
+    # Same start order; dcpp's smaller chunks of the long prompt leave vLLM budget for the
+    # short ones, which therefore start no later than with vLLM's chunking (here earlier).
+    assert order(a) == order(b)
+    fa, fb = first_steps(a), first_steps(b)
+    assert all(fb[r] <= fa[r] for r in fa) and any(fb[r] < fa[r] for r in fa)
+    # dcpp really sized the long prompt's chunks (not vLLM's budget-sized ones).
+    long_ours = [s["long"] for s in b if "long" in s]
+    assert sum(long_ours) == 30_000 and len(set(long_ours)) > 3
+    # The short prompts ran beside the long prefill.
+    assert all("long" in b[fb[f"s{i}"]] for i in range(6))
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_start_order_is_vllms(model_dir, tmp_path, monkeypatch, policy):
+    """More long prompts than one step holds: they start in vLLM's order (arrival, or
+    priority), in the same steps."""
+    theirs, ours, ex = pair(model_dir, tmp_path, monkeypatch, policy=policy, max_num_seqs=3)
+    specs = [(f"p{i}", 3000 + 500 * i, (5 - i) % 3) for i in range(6)]
+    add(theirs, specs)
+    add(ours, specs)
+    a, b = run(theirs), run(ours, ex)
+    assert order(a) == order(b)
+
+
+def test_a_trimmed_chunk_is_not_replanned(model_dir, tmp_path, monkeypatch):
+    """Two long prompts share steps, so their planned chunks are cut every step; each is
+    planned once."""
+    theirs, ours, ex = pair(model_dir, tmp_path, monkeypatch)
+    del theirs
+    add(ours, [("a", 20_000, 0), ("b", 16_000, 0)])
+    steps = run(ours, ex)
+    assert any(len(s) == 2 and min(s.values()) > 1 for s in steps)  # shared prefill steps
+    assert ours.dcpp.sizer.num_plans == 2
+    for rid, n in (("a", 20_000), ("b", 16_000)):
+        start, log = ours.dcpp.plan_log[rid]
+        ran = [s[rid] for s in steps if rid in s and s[rid] > 1]
+        assert start == 0 and sum(log) == n and log == ran, (log, ran)
+
+
+def test_a_scheduler_built_without_init_behaves_like_vllms():
+    from dcpp.integration.vllm.scheduler import DcppScheduler
+
+    sched = object.__new__(DcppScheduler)  # as vLLM's own scheduler tests do
+    assert sched.dcpp is None
