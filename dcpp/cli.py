@@ -95,7 +95,7 @@ def _plan_inputs(args: argparse.Namespace):
     if args.cost is not None:
         model, desc = _parse_cost(args.cost).scaled(1.0 / args.pp), f"--cost {args.cost} / P"
     else:
-        prof = Profile.load(args.profile)
+        prof = _load_profile(Profile, args.profile)
         per_stage = 1.0 / args.pp if prof.scope == "model" else 1.0
         model, desc = prof.model.scaled(per_stage), f"profile {args.profile} ({prof.scope})"
     max_len = args.max_model_len if args.max_model_len is not None else args.seq_len
@@ -103,6 +103,17 @@ def _plan_inputs(args: argparse.Namespace):
                     num_stages=args.pp, min_chunk=cfg.min_chunk, page_size=args.page_size,
                     smooth_factor=cfg.smooth_factor)
     return model, spec, desc
+
+
+def _load_profile(profile_cls, path: str):
+    """The profile at `path`, or one ValueError naming the file and what is wrong with it."""
+    try:
+        return profile_cls.load(path)
+    except OSError:
+        raise  # main() names the file and the OS's reason
+    except Exception as e:  # json, a missing key, a wrong type: all "not a dcpp profile"
+        raise ValueError(f"--profile {path}: not a readable dcpp profile "
+                         f"({type(e).__name__}: {e}); fix: write one with `dcpp profile`") from e
 
 
 def _plan_builders():
@@ -237,6 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ValueError as e:
         print(f"dcpp {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an unreadable --profile, an unwritable --out
+        where = e.filename if e.filename is not None else "?"
+        print(f"dcpp {args.command}: error: {where}: {e.strerror or e}", file=sys.stderr)
         return 2
 
 

@@ -50,3 +50,26 @@ def test_cli_bad_arguments(argv, msg, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert msg in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("damage", ["not json", "wrong shape", "missing"])
+def test_malformed_or_missing_profile_is_one_line_naming_the_file(tmp_path, capsys, damage):
+    path = tmp_path / "p.json"
+    if damage == "not json":
+        path.write_text("{")
+    elif damage == "wrong shape":
+        path.write_text(json.dumps({"samples": 3}))
+    argv = ["plan", "--profile", str(path), "--pp", "2", "--seq-len", "4096",
+            "--max-num-batched-tokens", "1024"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_unwritable_out_is_one_line_naming_the_file(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / "a-file" / "tl"  # a directory that cannot exist
+    assert main(["timeline", "--seq-len", "4096", "--pp", "2", "--max-num-batched-tokens",
+                 "1024", "--cost", "1e-9,1e-5,0.002", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "a-file" in err and err.count("\n") == 1 and "Traceback" not in err

@@ -145,3 +145,29 @@ def test_engine_agnostic_imports():
     code = ("import sys, dcpp.config, dcpp.chunker, dcpp.cli; "
             "bad = [m for m in ('torch', 'vllm') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("name, raw, rule", [
+    ("DCPP_PROFILE_TIMEOUT_S", "soon", "a number in (0, inf]"),
+    ("DCPP_PROFILE_TIMEOUT_S", "-5", "a number in (0, inf]"),
+    ("DCPP_PROFILE_REPEATS", "0", "an integer in [1, 64]"),
+    ("DCPP_PROFILE_REPEATS", "2.5", "an integer in [1, 64]"),
+    ("VLLM_ENGINE_READY_TIMEOUT_S", "nan", "a number in (0, inf]"),
+])
+def test_bad_environment_variables_name_the_variable_and_range(monkeypatch, name, raw, rule):
+    from dcpp import envs
+
+    monkeypatch.setenv(name, raw)
+    with pytest.raises(ValueError) as e:
+        envs.profile_timeout_s() if "REPEATS" not in name else envs.profile_repeats()
+    assert name in str(e.value) and repr(raw) in str(e.value) and rule in str(e.value)
+
+
+def test_environment_defaults(monkeypatch):
+    from dcpp import envs
+
+    for name in ("DCPP_PROFILE_TIMEOUT_S", "DCPP_PROFILE_REPEATS", "VLLM_ENGINE_READY_TIMEOUT_S"):
+        monkeypatch.delenv(name, raising=False)
+    assert envs.profile_timeout_s() == 200.0 and envs.profile_repeats() == 2
+    monkeypatch.setenv("VLLM_ENGINE_READY_TIMEOUT_S", "60")
+    assert envs.profile_timeout_s() == 30.0

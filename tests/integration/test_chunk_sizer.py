@@ -123,6 +123,15 @@ def test_a_trimmed_chunk_continues_the_plan_without_replanning():
     assert "a" not in s.plans
 
 
+def test_a_rest_below_the_alignment_joins_the_next_chunk():
+    s, _ = sizer(chunk=512)  # plan 512 488
+    s.begin_step(4096)
+    s.size(ask("a", 1000))
+    s.end_step()
+    s.advance("a", 0, 500)  # 12 left of the first chunk: it joins the last one
+    assert s.plans["a"].chunks == [500] and s.plan_log["a"] == (0, [500, 500])
+
+
 def test_a_chunk_larger_than_planned_eats_into_the_next_planned_chunks():
     s, planner = sizer()  # plan 512 512 512 464
     s.begin_step(4096)

@@ -185,7 +185,8 @@ class ChunkSizer:
         if rest > 0:
             plan.chunks[0] = rest
             if rest < self.align and len(plan.chunks) > 1:
-                plan.chunks[1] += plan.chunks.pop(0)
+                small = plan.chunks.pop(0)
+                plan.chunks[0] += small
         else:
             plan.chunks.pop(0)
             while rest < 0 and plan.chunks:  # took more than planned (a boundary): eat ahead

@@ -59,6 +59,8 @@ class SyntheticExecutor:
         elif name.endswith("drain_step_times"):
             res = [{"pp_rank": r, "tp_rank": 0, "times": self.records[r]} for r in ranks]
             self.records = [[] for _ in ranks]
+            if args and args[0] is not None:  # the new timing rate rides on the drain
+                self.timing_every = int(args[0])
         else:
             raise RuntimeError(f"SyntheticExecutor has no RPC {name!r}")
         return _Done(res) if non_block else res
@@ -74,7 +76,9 @@ class SyntheticExecutor:
         self.steps_timed += 1
         batch = [(n, h) for _, n, h, _, _ in vllm_compat.scheduled_requests(scheduler,
                                                                               scheduler_output)]
-        secs = self.fn(sum(n for n, _ in batch), max(h for _, h in batch))
+        # Per-request work plus the step's fixed cost once (the form dcpp's model fits).
+        fixed = self.fn(0, 0)
+        secs = fixed + sum(self.fn(n, h) - fixed for n, h in batch)
         for r in range(self.num_stages):
             self.records[r].append((fp, secs))
 

@@ -13,6 +13,7 @@ import os
 import time
 from typing import Any
 
+from dcpp.envs import profile_repeats, profile_timeout_s
 from dcpp.integration.vllm import vllm_compat
 
 logger = logging.getLogger("vllm.dcpp")  # under "vllm": uses its log handler and level
@@ -22,15 +23,6 @@ def default_cache_dir() -> str:
     return os.environ.get("DCPP_CACHE_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "dcpp", "profiles"
     )
-
-
-def profile_timeout_s() -> float:
-    """Wall-clock budget for start-up profiling: DCPP_PROFILE_TIMEOUT_S, else a third of vLLM's
-    engine start-up timeout (VLLM_ENGINE_READY_TIMEOUT_S, 600 s by default)."""
-    if os.environ.get("DCPP_PROFILE_TIMEOUT_S"):
-        return float(os.environ["DCPP_PROFILE_TIMEOUT_S"])
-    ready = float(os.environ.get("VLLM_ENGINE_READY_TIMEOUT_S", "600"))
-    return max(30.0, ready / 3.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +113,7 @@ def load_or_profile(vllm_config: Any, cfg: Any, executor: Any | None) -> Startup
     budget = profile_timeout_s()
     deadline = time.monotonic() + budget  # one budget for the first try and the retry
     # Best of `repeats` per sample: single passes on shared CPUs carry outliers.
-    repeats = int(os.environ.get("DCPP_PROFILE_REPEATS", "2"))
+    repeats = profile_repeats()
     passes = [0]
     try:
         try:
