@@ -249,20 +249,23 @@ def test_preemption_replans_from_the_new_history_and_loses_nothing(engine, monke
               for p in prompts]
 
     preempted, plans = [], []
-    preempt, make_plan = sched._preempt_request, rt._plan
+    preempt, plan_for = sched._preempt_request, rt.sizer._plan_for
 
     def counting_preempt(request, *args, **kwargs):
         preempted.append((request.request_id, int(request.num_computed_tokens)))
         return preempt(request, *args, **kwargs)
 
-    def recording_plan(request, mode, history):
-        plan = make_plan(request, mode, history)
-        plans.append((request.request_id, int(request.num_preemptions), history,
-                      int(request.num_tokens), list(plan.chunks)))
+    def recording_plan(ask):
+        made = rt.sizer.num_plans
+        plan = plan_for(ask)
+        if rt.sizer.num_plans > made:  # a new plan (not the continued one)
+            request = sched.requests[ask.request_id]
+            plans.append((ask.request_id, int(request.num_preemptions), ask.history,
+                          ask.total, list(plan.chunks)))
         return plan
 
     monkeypatch.setattr(sched, "_preempt_request", counting_preempt)
-    monkeypatch.setattr(rt, "_plan", recording_plan)
+    monkeypatch.setattr(rt.sizer, "_plan_for", recording_plan)
     outs = generate(engine, prompts, max_tokens=decode, ignore_eos=True)
     assert preempted, f"two {n}-token prompts in a {capacity}-token KV cache were not preempted"
     for o, ref in zip(outs, static):
