@@ -150,7 +150,6 @@ def main(argv=None) -> int:
         print(f"round {r + 1}: " + ", ".join(f"{m} {ttft[m][-1]:.3f}s" for m in MODES),
               flush=True)
 
-    cal = rt.calibrator
     result = {
         "prompt_len": args.prompt_len, "budget": args.budget, "min_chunk": args.min_chunk,
         "layers": args.layers, "hidden": args.hidden, "rounds": args.rounds,
@@ -167,9 +166,6 @@ def main(argv=None) -> int:
         "paired_ci90": {m: paired_ci(v, ttft["off"]) for m, v in ttft.items() if m != "off"},
         "static_spread": max(ttft["off"]) / min(ttft["off"]),
         "prediction_error_median": rt.median_error(),
-        # The interval-based calibrator learns only where per-stage timing is unavailable.
-        "calibrator_error_median": (cal.median_error()
-                                    if cal is not None and not rt.stage_timing else None),
         "repeat_noise": repeat_noise(list(rt.step_log)),
         "num_observations": rt.num_observations, "num_refits": rt.num_refits,
         "stage_timing": rt.stage_timing, "overhead_s": rt.overhead_s(),
@@ -218,9 +214,7 @@ def main(argv=None) -> int:
         print(f"chunks {LABEL[m]}: {chunks[m]}")
     print(f"greedy outputs identical across modes: {match}")
     print(f"median chunk-latency prediction error (after calibration, {rt.num_observations} "
-          f"steps, {rt.num_refits} refits): {100 * result['prediction_error_median']:.1f}%"
-          + (f" (calibrator's current model: {100 * result['calibrator_error_median']:.1f}%)"
-             if result["calibrator_error_median"] is not None else ""))
+          f"steps, {rt.num_refits} refits): {100 * result['prediction_error_median']:.1f}%")
     rn = result["repeat_noise"]
     print(f"noise floor: {rn['steps']} steps that ran the same (chunk, history) >= 3 times scatter "
           f"{100 * rn['noise']:.1f}% (median) around their own median; against those medians the "

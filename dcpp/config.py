@@ -67,8 +67,8 @@ class ProfilingChunkConfig:
     """Most recent step timings kept for the online refit (bounded memory)."""
 
     drift_threshold: float = 0.10
-    """Relative prediction error (median of recent steps) above which the calibrator declares
-    drift, drops older timings and refits."""
+    """Relative prediction error (median of the last 8 measured steps) above which calibration
+    declares drift: the model is refitted at once and workers time every step until it fits."""
 
     metrics_port: int = 0
     """Serve dcpp's Prometheus metrics on this TCP port from the engine-core process (each

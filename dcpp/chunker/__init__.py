@@ -4,7 +4,6 @@ Data flow: profile (`profiler`) -> fit (`latency_model`) -> plan (`planner`, `pr
 -> run -> `calibration` refits from step timings. `simulate` scores plans.
 """
 
-from dcpp.chunker.calibration import OnlineCalibrator
 from dcpp.chunker.latency_model import FitError, HistoryLatencyModel, QuadraticModel
 from dcpp.chunker.planner import (
     PlanSpec,
@@ -21,7 +20,7 @@ from dcpp.chunker.profiler import Profile, cache_key, cache_path, load_or_profil
 from dcpp.chunker.simulate import SimResult, simulate
 
 __all__ = [
-    "ChunkPredictor", "FitError", "HistoryLatencyModel", "OnlineCalibrator", "PlanSpec",
+    "ChunkPredictor", "FitError", "HistoryLatencyModel", "PlanSpec",
     "Profile", "QuadraticModel", "SimResult", "cache_key", "cache_path", "default_plan",
     "equal_time_plan", "load_or_profile", "lower_bound", "optimal_plan", "pipeline_plan",
     "plan_cost", "profile", "simulate", "static_plan",

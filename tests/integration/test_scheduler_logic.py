@@ -18,7 +18,7 @@ BUDGET = 1024
 MAX_LEN = 16384
 
 
-def fake_vllm_config(need_timing=True, min_chunk=64, metrics_port=0):
+def fake_vllm_config(need_timing=True, min_chunk=64, metrics_port=0, extra=None):
     return NS(
         scheduler_config=NS(max_num_batched_tokens=BUDGET, enable_chunked_prefill=True),
         model_config=NS(max_model_len=MAX_LEN, model="fake-model", dtype="float32"),
@@ -27,7 +27,7 @@ def fake_vllm_config(need_timing=True, min_chunk=64, metrics_port=0):
                            worker_extension_cls=""),
         additional_config={"profiling_chunk_config": {
             "enabled": True, "min_chunk": min_chunk, "need_timing": need_timing,
-            "metrics_port": metrics_port}},
+            "metrics_port": metrics_port, **(extra or {})}},
     )
 
 
@@ -248,7 +248,7 @@ def test_plan_off_and_prefix_hit(tmp_path, monkeypatch):
 
 def test_no_timing_no_bookkeeping(tmp_path, monkeypatch):
     rt = runtime(tmp_path, monkeypatch, need_timing=False)
-    assert rt.calibrator is None
+    assert not rt.calibrating and not rt.stage_timing
     r = req("a", 3000)
     s = sched([r])
     rt.begin_step(s)
@@ -264,14 +264,11 @@ def test_no_timing_no_bookkeeping(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("*.calibration.json"))  # nothing learnt, nothing saved
 
 
-def test_calibration_learns_a_slower_engine(tmp_path, monkeypatch):
-    """Without per-stage timing the step intervals calibrate the model."""
-    rt = runtime(tmp_path, monkeypatch)
-    assert not rt.stage_timing
-    slower = lambda c, h: 1.5 * true_time(c, h) + 3e-3  # noqa: E731 - engine overheads
-    t = 0.0
+def _run_interval_steps(rt, n, fn, start=0):
+    """`n` single-prefill steps measured only by their output intervals (no stage timing)."""
+    t = rt.last_output_t if rt.last_output_t is not None else 0.0
     rt.last_output_t = t
-    for i in range(64):
+    for i in range(start, start + n):
         c, h = 256 + 64 * (i % 8), 512 * (i % 16)
         r = req(f"r{i}", h + c + 100, computed=h + c)
         s = sched([r])
@@ -279,10 +276,42 @@ def test_calibration_learns_a_slower_engine(tmp_path, monkeypatch):
         out = NS(num_scheduled_tokens={r.request_id: c})
         rt.end_step(s, out)
         rt.ledger._queue[-1].scheduled_at = t - 1e-4  # queued behind the previous step
-        t += slower(c, h)
+        t += fn(c, h)
         rt.on_output(out, t)
-    assert rt.num_refits > 0
-    assert rt.calibrator.median_error() < 0.05
+
+
+@pytest.mark.parametrize("source", ["intervals", "stage times"])
+def test_one_calibrator_for_both_sources(tmp_path, monkeypatch, source):
+    """The same rules learn a 1.5x slower engine from step intervals (no per-stage timing)
+    and from per-stage times."""
+    ex = FakeExecutor(step_timing=source == "stage times")
+    rt = runtime(tmp_path, monkeypatch, executor=ex)
+    assert rt.calibrating and rt.stage_timing == (source == "stage times")
+    if source == "intervals":
+        _run_interval_steps(rt, 128, lambda c, h: 1.5 * true_time(c, h))
+    else:
+        _run_timed_steps(rt, ex, 128, 0.0, factor=1.5)
+    assert rt.num_refits > 0 and rt.median_error() < 0.05
+    assert rt.compute_model.predict_time(512, 4096) == pytest.approx(
+        1.5 * true_time(512, 4096), rel=0.05)
+
+
+@pytest.mark.parametrize("threshold, forced", [(0.10, True), (5.0, False)])
+def test_drift_threshold_acts_on_the_interval_source(tmp_path, monkeypatch, threshold,
+                                                     forced):
+    """After calibration the engine gets 2x slower: with drift_threshold 0.10 the recent
+    errors force a refit within 8 steps; with 5.0 nothing is forced (the periodic refit and
+    the fast scale remain)."""
+    from dcpp.integration.vllm import scheduler as sched_mod
+
+    monkeypatch.setattr(sched_mod, "REFIT_EVERY", 10_000)  # only drift refits the base
+    ex = FakeExecutor()
+    vc_block = {"drift_threshold": threshold}
+    rt = runtime(tmp_path, monkeypatch, executor=ex, extra=vc_block)
+    _run_interval_steps(rt, 64, true_time)
+    events = rt._drift_events
+    _run_interval_steps(rt, 12, lambda c, h: 2.0 * true_time(c, h), start=64)
+    assert (rt._drift_events > events) == forced
 
 
 def test_stage_timing_calibrates_compute_and_learns_overhead(tmp_path, monkeypatch):

@@ -102,7 +102,6 @@ def build_scheduler(cls: type, model_dir: str, *, budget: int, max_model_len: in
     import torch
     from vllm.config import (CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig,
                              VllmConfig)
-    from vllm.v1.core.sched.output import SchedulerOutput  # noqa: F401 - import check
     from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig,
                                             KVCacheGroupSpec)
     from vllm.v1.structured_output import StructuredOutputManager

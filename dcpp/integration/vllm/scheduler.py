@@ -88,8 +88,6 @@ class DcppRuntime:
     scheduler hands it."""
 
     def __init__(self, vllm_config: Any, cfg: Any, *, executor: Any | None) -> None:
-        from dcpp.chunker.calibration import OnlineCalibrator
-
         limits = EngineLimits.from_vllm_config(vllm_config)
         self.cfg = cfg
         self.vllm_config = vllm_config
@@ -111,6 +109,7 @@ class DcppRuntime:
         self.num_observations = 0
         self.num_refits = 0
         self._drift_events = 0
+        """Refits forced by drift (the recent steps' median error above drift_threshold)."""
 
         # Per-stage step timing (need_timing): workers record their compute time per step;
         # `timing` collects the records with non-blocking RPCs (see `StageTiming.poll`).
@@ -152,11 +151,10 @@ class DcppRuntime:
         if self.metrics is not None:
             self.metrics.profile_passes.set(self.num_profile_passes)
             self.metrics.active.set(1 if self.model is not None else 0)
-        self.calibrator = None
-        if cfg.need_timing and self.model is not None:
-            self.calibrator = OnlineCalibrator(
-                self.model, window=cfg.calibration_window, drift_threshold=cfg.drift_threshold
-            )
+        self.calibrating = bool(cfg.need_timing and self.model is not None)
+        """Whether step timings calibrate the model (one set of rules, two measurement
+        sources: the workers' per-stage times, else the step intervals)."""
+        if self.calibrating:
             self.compute_model = self.model
             self.model_base = self.model
             """The shape calibration rescales: the start-up profile, later the latest refit of
@@ -168,8 +166,9 @@ class DcppRuntime:
             self.profile_samples = list(prof.samples)
             self.step_samples: collections.deque[tuple[list, float]] = collections.deque(
                 maxlen=int(cfg.calibration_window))
-            """Recent prefill steps: (batch of (chunk, history), slowest-stage compute s)."""
+            """Recent prefill steps: (batch of (chunk, history), measured s)."""
             self.last_refit_error: str | None = None
+            self._drift_refit_at = 0  # observation count of the last refit drift forced
             self.timing.enable()
             self._restore_calibration(prof)
         self._build_predictors()
@@ -344,32 +343,14 @@ class DcppRuntime:
             if sent is not None:
                 sent.interval = elapsed
             return
-        self.errors.append(abs(predicted - elapsed) / elapsed)
+        # No per-stage timing: the interval (compute plus the engine's per-step cost) is the
+        # measurement, under the same rules as stage times.
+        compute = float(self.compute_model.predict_batch(batch))
+        self.errors.append(abs(compute - elapsed) / elapsed)
+        self.step_log.append((list(batch), compute, elapsed))
         if self.metrics is not None:
             self.metrics.prediction_error.observe(self.errors[-1])
-        self._observe(batch, elapsed)
-
-    def _observe(self, batch: list, seconds: float) -> None:
-        """One step's measured time for the calibrator (interval, or slowest-stage compute)."""
-        self.num_observations += 1
-        if self.calibrator is not None:
-            self.calibrator.observe(batch, seconds)
-            new_model = self.calibrator.model
-            if new_model is not None and new_model is not self.compute_model:
-                self.num_refits += 1
-                drift = getattr(self.calibrator, "drift_events", 0)
-                log = logger.info if drift != self._drift_events else logger.debug
-                self._drift_events = drift
-                log("dcpp: recalibrated latency model from step timings (refit %d%s): %s",
-                    self.num_refits, ", drift detected" if log is logger.info else "",
-                    _fit_repr(new_model))
-                self.compute_model = new_model
-                self.set_model(self._planning_model())
-        if self.num_observations % 50 == 0:
-            logger.info("dcpp: median chunk-latency prediction error %.1f%% over last %d steps"
-                        "%s", 100 * self.median_error(), len(self.errors),
-                        f"; per-step overhead {1e3 * self.overhead_s():.2f} ms"
-                        if self.stage_timing else "")
+        self._observe_compute(batch, elapsed)
 
     # ------------------------------------------------------------------ per-stage timing
 
@@ -396,7 +377,10 @@ class DcppRuntime:
     def drift_suspected(self) -> bool:
         """Not calibrated yet, or the recent steps' median error is above drift_threshold:
         workers then time every step."""
-        if self.num_observations < REFIT_MIN_STEPS or len(self.errors) < DRIFT_SPAN:
+        return self.num_observations < REFIT_MIN_STEPS or self._recent_error_high()
+
+    def _recent_error_high(self) -> bool:
+        if len(self.errors) < DRIFT_SPAN:
             return True
         recent = list(self.errors)[-DRIFT_SPAN:]
         return statistics.median(recent) > float(self.cfg.drift_threshold)
@@ -419,8 +403,15 @@ class DcppRuntime:
         base = float(self.model_base.predict_batch(batch))
         if base > 0:
             self.ratios.append(measured / base)
-        if (len(self.step_samples) >= REFIT_MIN_STEPS
-                and self.num_observations % REFIT_EVERY == 0):
+        drift = (self.num_observations - self._drift_refit_at >= DRIFT_SPAN
+                 and len(self.step_samples) >= REFIT_MIN_STEPS and self._recent_error_high())
+        if drift:  # recent steps disagree with the model: refit now, not at the next period
+            self._drift_refit_at = self.num_observations
+            self._drift_events += 1
+            logger.info("dcpp: drift: median error of the last %d steps above "
+                        "drift_threshold=%.2f; refitting", DRIFT_SPAN, self.cfg.drift_threshold)
+        if drift or (len(self.step_samples) >= REFIT_MIN_STEPS
+                     and self.num_observations % REFIT_EVERY == 0):
             self._refit_base()  # refills the ratios (this step's included) and rescales
         elif (len(self.ratios) >= SCALE_MIN_STEPS and not len(self.ratios) % 4
                 and self._rescale(statistics.median(self.ratios))):
