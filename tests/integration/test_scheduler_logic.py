@@ -1,18 +1,12 @@
-"""dcpp's scheduler logic (`DcppRuntime`) on fake requests: no engine is started, so these run
-in seconds. The engine-level behaviour is covered by test_vllm_engine.py."""
+"""dcpp's scheduler logic (`DcppRuntime`, which imports no vLLM module) on fake requests: no
+engine is started, so these run in seconds (also in `make test-fast`). The engine-level
+behaviour is covered by test_vllm_engine.py."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace as NS
 
 import pytest
-
-from vllm_testlib import vllm_available
-
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.skipif(not vllm_available(), reason="needs vllm (pip install dcpp[vllm])"),
-]
 
 BUDGET = 1024
 MAX_LEN = 16384
@@ -83,7 +77,7 @@ class FakeExecutor:
 
 def runtime(tmp_path, monkeypatch, executor=None, **kw):
     from dcpp.config import ProfilingChunkConfig
-    from dcpp.integration.vllm.scheduler import DcppRuntime
+    from dcpp.integration.vllm.runtime import DcppRuntime
 
     monkeypatch.setenv("DCPP_CACHE_DIR", str(tmp_path))
     vc = fake_vllm_config(**kw)
@@ -302,24 +296,22 @@ def test_drift_threshold_acts_on_the_interval_source(tmp_path, monkeypatch, thre
     """After calibration the engine gets 2x slower: with drift_threshold 0.10 the recent
     errors force a refit within 8 steps; with 5.0 nothing is forced (the periodic refit and
     the fast scale remain)."""
-    from dcpp.integration.vllm import scheduler as sched_mod
+    from dcpp.integration.vllm import calibrator
 
-    monkeypatch.setattr(sched_mod, "REFIT_EVERY", 10_000)  # only drift refits the base
+    monkeypatch.setattr(calibrator, "REFIT_EVERY", 10_000)  # only drift refits the base
     ex = FakeExecutor()
     vc_block = {"drift_threshold": threshold}
     rt = runtime(tmp_path, monkeypatch, executor=ex, extra=vc_block)
     _run_interval_steps(rt, 64, true_time)
-    events = rt._drift_events
+    events = rt.cal.drift_events
     _run_interval_steps(rt, 12, lambda c, h: 2.0 * true_time(c, h), start=64)
-    assert (rt._drift_events > events) == forced
+    assert (rt.cal.drift_events > events) == forced
 
 
 def test_stage_timing_calibrates_compute_and_learns_overhead(tmp_path, monkeypatch):
     """Workers' per-stage compute times calibrate the model (slowest stage); the step interval
     minus that compute, on steady steps only (bubbles of growing steps excluded), is the
     per-step overhead, which the planning model adds to c."""
-    from dcpp.integration.vllm import vllm_compat
-
     ex = FakeExecutor(step_timing=True)
     rt = runtime(tmp_path, monkeypatch, executor=ex)
     assert rt.stage_timing
@@ -336,7 +328,7 @@ def test_a_few_steps_from_one_region_do_not_rescale_the_whole_model(tmp_path, mo
     long prompt running 40% slower than the model (a shape error there, or a burst of noise)
     must not make every other step 40% dearer; a machine that really got slower (every step)
     is followed within a few dozen steps."""
-    from dcpp.integration.vllm import scheduler as sched_mod
+    from dcpp.integration.vllm import runtime as sched_mod
 
     monkeypatch.setattr(sched_mod, "TIMING_SAMPLE_EVERY", 1)  # the scale's rule, not sampling
     ex = FakeExecutor(step_timing=True)
@@ -411,6 +403,7 @@ def _run_timed_steps(rt, ex, n, overhead, factor=1.3, shape=_shape):
 
 
 def test_metrics_endpoint_reports_chunks_errors_and_closes(tmp_path, monkeypatch):
+    pytest.importorskip("prometheus_client", reason="needs prometheus_client (comes with vllm)")
     import socket
     import urllib.request
 
@@ -432,7 +425,7 @@ def test_metrics_endpoint_reports_chunks_errors_and_closes(tmp_path, monkeypatch
     assert values["dcpp_chunk_latency_prediction_error_count"] == len(rt.step_log) == 16
     assert values["dcpp_profile_passes"] == rt.num_profile_passes > 0
     assert values["dcpp_dynamic_chunking_active"] == 1
-    assert values["dcpp_latency_model_scale"] == pytest.approx(rt.compute_scale)
+    assert values["dcpp_latency_model_scale"] == pytest.approx(rt.cal.scale)
     assert values["dcpp_step_overhead_seconds"] == pytest.approx(rt.overhead_s())
     # Closed with the runtime: a restarted engine's endpoint can take the port again.
     from dcpp.integration.vllm.metrics import start_metrics as restart
@@ -447,7 +440,7 @@ def test_whole_prefill_times_teach_the_per_step_cost(tmp_path, monkeypatch):
     model's pipeline TTFT of their chunks: that is the per-step cost the planner charges, so
     later plans use fewer chunks."""
     from dcpp.chunker.planner import plan_cost
-    from dcpp.integration.vllm import scheduler as sched_mod
+    from dcpp.integration.vllm import runtime as sched_mod
     from dcpp.integration.vllm import vllm_compat
 
     clock = [100.0]
@@ -478,7 +471,7 @@ def test_whole_prefill_times_teach_the_per_step_cost(tmp_path, monkeypatch):
                     len(chunks) + 1)
             rt.on_output(out, clock[0], idle=done)
         clock[0] += 1.0
-    assert len(rt.request_gaps) == 4
+    assert len(rt.cal.request_gaps) == 4
     assert rt.overhead_s() == pytest.approx(extra, rel=0.02)
     assert rt.model.c == pytest.approx(rt.compute_model.c + extra)
     assert len(rt.predictors["pipeline"].plan(6000, history=0)) < len(chunks_before)
@@ -491,7 +484,7 @@ def test_online_refit_corrects_a_wrong_profile_shape(tmp_path, monkeypatch):
     ex = FakeExecutor(fn=wrong, step_timing=True)
     rt = runtime(tmp_path, monkeypatch, executor=ex)
     _run_timed_steps(rt, ex, 128, 4e-3)  # real stages: 1.3 * true_time at the slowest
-    assert rt.last_refit_error is None and rt.model_base is not rt.model_base_profile
+    assert rt.cal.last_refit_error is None and rt.cal.base is not rt.cal.profile_model
     for c, h in [(256, 0), (704, 7680), (512, 4096), (320, 6144)]:
         assert rt.compute_model.predict_time(c, h) == pytest.approx(1.3 * true_time(c, h),
                                                                     rel=0.03)
@@ -518,7 +511,7 @@ def test_restart_starts_from_the_saved_calibration(tmp_path, monkeypatch):
     ex2 = FakeExecutor(fn=wrong, step_timing=True)
     rt2 = runtime(tmp_path, monkeypatch, executor=ex2)
     assert rt2.profile_source == "cache" and ex2.calls == 0
-    assert len(rt2.step_samples) == len(rt.step_samples) > 64 and rt2.num_observations == 0
+    assert len(rt2.cal.samples) == len(rt.cal.samples) > 64 and rt2.num_observations == 0
     assert rt2.overhead_s() == pytest.approx(rt.overhead_s())
     assert rt2.model.c == pytest.approx(rt2.compute_model.c + overhead, rel=0.05)
     for c, h in [(256, 0), (704, 7680), (512, 4096)]:  # the profile's shape is corrected
@@ -531,7 +524,7 @@ def test_restart_starts_from_the_saved_calibration(tmp_path, monkeypatch):
     os.unlink(rt.profile_path)
     rt3 = runtime(tmp_path, monkeypatch, executor=FakeExecutor(fn=wrong, step_timing=True))
     assert rt3.profile_source == "profiled" and not os.path.exists(path)
-    assert len(rt3.step_samples) == 0 and rt3.overhead_s() == 0.0
+    assert len(rt3.cal.samples) == 0 and rt3.overhead_s() == 0.0
 
 
 @pytest.mark.parametrize("damage", ["not json", "other key", "other profile", "bad sample"])
@@ -564,7 +557,7 @@ def test_unusable_calibration_file_is_ignored_with_a_warning(tmp_path, monkeypat
         rt2 = runtime(tmp_path, monkeypatch, executor=FakeExecutor(step_timing=True))
     assert "ignoring calibration file" in caplog.text
     assert rt2.profile_source == "cache" and rt2.model is not None
-    assert len(rt2.step_samples) == 0 and rt2.overhead_s() == 0.0
+    assert len(rt2.cal.samples) == 0 and rt2.overhead_s() == 0.0
 
 
 def test_unwritable_calibration_file_warns_once_and_serving_goes_on(tmp_path, monkeypatch, caplog):

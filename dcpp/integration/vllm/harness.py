@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dcpp.integration.vllm import vllm_compat
+
 
 def tiny_llama(path: str | Path, *, layers: int, hidden: int, max_len: int) -> Path:
     """A random-init Llama (head_dim 32, GQA 2:1), written once to ``path``."""
@@ -59,7 +61,7 @@ def start_engine(model: str | Path, *, budget: int, max_model_len: int,
 
 def dcpp_runtime(llm: Any) -> Any:
     """dcpp's scheduler state, or None when dcpp is not active in this engine."""
-    return getattr(llm.llm_engine.engine_core.engine_core.scheduler, "dcpp", None)
+    return getattr(vllm_compat.in_process_scheduler(llm), "dcpp", None)
 
 
 def timed_generate(llm: Any, tokens: list[int], *, max_tokens: int = 1,
@@ -91,7 +93,7 @@ def shutdown(llm: Any, timeout: float = 20.0) -> None:
     me = psutil.Process()
     procs = me.children(recursive=True)
     try:
-        llm.llm_engine.engine_core.shutdown()
+        vllm_compat.shutdown_engine_core(llm)
     finally:
         gc.collect()
         procs = [p for p in procs if not _is_resource_tracker(p)]

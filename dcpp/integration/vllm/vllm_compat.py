@@ -176,6 +176,25 @@ def decode_tokens(scheduler: Any) -> int:
     return n
 
 
+def step_token_budget(scheduler: Any) -> int:
+    """Tokens vLLM may schedule in one step (`max_num_scheduled_tokens`)."""
+    return int(scheduler.max_num_scheduled_tokens)
+
+
+def live_request(scheduler: Any, request_id: str) -> Any | None:
+    """The scheduler's request `request_id` (None once it is gone)."""
+    return scheduler.requests.get(request_id)
+
+
+def in_process_scheduler(llm: Any) -> Any:
+    """The scheduler of an in-process engine core (`VLLM_ENABLE_V1_MULTIPROCESSING=0`)."""
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def shutdown_engine_core(llm: Any) -> None:
+    llm.llm_engine.engine_core.shutdown()
+
+
 def request_num_tokens(request: Any) -> int:
     """Tokens of the request so far: prompt plus outputs (a resumed request re-prefills them)."""
     return int(request.num_tokens)

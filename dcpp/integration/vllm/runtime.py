@@ -1,0 +1,401 @@
+"""`DcppRuntime`: wires dcpp's parts for one vLLM scheduler (see docs/architecture.md).
+
+Profile -> predictors -> `ChunkSizer` (chunk per request and step) -> `StepLedger` (steps in
+flight) -> outputs and worker timings (`StageTiming`) -> `Calibrator` -> a new model for the
+predictors. Persistence (`calibration_store`) and metrics observe; nothing writes back into
+vLLM. Imports no vLLM module: everything it reads from vLLM goes through `vllm_compat`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import logging
+import os
+import statistics
+import time
+from typing import Any
+
+from dcpp.integration.vllm import calibration_store, vllm_compat
+from dcpp.integration.vllm.calibrator import Calibrator
+from dcpp.integration.vllm.chunk_sizer import (
+    MAX_LOGGED_REQUESTS,
+    PLAN_MODES,
+    PLAN_OFF,
+    Ask,
+    ChunkSizer,
+)
+from dcpp.integration.vllm.metrics import start_metrics
+from dcpp.integration.vllm.stage_timing import SentStep, StageTiming
+from dcpp.integration.vllm.startup_profile import EngineLimits, load_or_profile
+from dcpp.integration.vllm.startup_profile import cache_key as profile_cache_key
+from dcpp.integration.vllm.step_ledger import LedgerEntry, StepLedger
+
+logger = logging.getLogger("vllm.dcpp")  # under "vllm": uses its log handler and level
+
+TIMING_SAMPLE_EVERY = 8
+"""Once calibrated, workers time (and synchronise on) 1 in this many steps."""
+
+
+@dataclasses.dataclass
+class _Prefill:
+    """A request in prefill, for the whole-prefill measurement of the per-step cost."""
+
+    started_at: float
+    history: int
+    mode: str
+    alone: bool
+    """Ran alone in every step so far (a shared step's time is not its own)."""
+
+
+class DcppRuntime:
+    """Chunk sizing and calibration for one engine."""
+
+    def __init__(self, vllm_config: Any, cfg: Any, *, executor: Any | None) -> None:
+        limits = EngineLimits.from_vllm_config(vllm_config)
+        self.cfg, self.vllm_config, self.limits = cfg, vllm_config, limits
+        self.num_stages = limits.num_stages
+        self.predictors: dict[str, Any] = {}
+        self.sizer: ChunkSizer | None = None
+        self.ledger = StepLedger()
+        self.timing = StageTiming(vllm_config, executor)
+        self.chunk_log: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
+        """Executed prefill chunk sizes per request (most recent requests)."""
+        self._prefills: collections.OrderedDict[str, _Prefill] = collections.OrderedDict()
+        self.last_output_t: float | None = None
+        self.interval_errors: collections.deque[float] = collections.deque(
+            maxlen=int(cfg.calibration_window))
+        """With stage timing: the interval's error (reported only; it carries the overhead)."""
+
+        prof = load_or_profile(vllm_config, cfg, executor)
+        self.model: Any | None = prof.model
+        """The planning model in use."""
+        self.profile_source, self.profile_path = prof.source, prof.path
+        self.num_profile_passes = prof.passes
+        self.metrics = start_metrics(
+            int(cfg.metrics_port),
+            rank=int(getattr(vllm_config.parallel_config, "data_parallel_rank", 0) or 0))
+        if self.metrics is not None:
+            self.metrics.profile_passes.set(self.num_profile_passes)
+            self.metrics.active.set(1 if self.model is not None else 0)
+        self.cal: Calibrator | None = None
+        """Calibration on step timings (need_timing with a model), else None."""
+        self._calibration_path: str | None = None
+        self._saved_at = float("-inf")
+        self._unsaved = False
+        self._save_warned = False
+        if cfg.need_timing and self.model is not None:
+            self.cal = Calibrator(self.model, list(prof.samples),
+                                  window=int(cfg.calibration_window),
+                                  drift_threshold=float(cfg.drift_threshold),
+                                  num_stages=self.num_stages)
+            self.timing.enable()
+            self._restore_calibration(prof)
+        self._build_predictors()
+
+    # ------------------------------------------------------------------ views
+    @property
+    def stage_timing(self) -> bool:
+        """Whether calibration measures the workers' per-stage step times."""
+        return self.timing.on
+
+    @stage_timing.setter
+    def stage_timing(self, on: bool) -> None:
+        self.timing.on = on
+
+    @property
+    def calibrating(self) -> bool:
+        return self.cal is not None
+
+    @property
+    def compute_model(self) -> Any | None:
+        """The model of what is measured (slowest-stage compute, or intervals)."""
+        return self.cal.model if self.cal is not None else None
+
+    @property
+    def step_log(self) -> Any:
+        return self.cal.step_log if self.cal is not None else ()
+
+    @property
+    def num_observations(self) -> int:
+        return self.cal.num_observations if self.cal is not None else 0
+
+    @property
+    def num_refits(self) -> int:
+        return self.cal.num_refits if self.cal is not None else 0
+
+    def median_error(self) -> float:
+        return self.cal.median_error() if self.cal is not None else float("nan")
+
+    def overhead_s(self) -> float:
+        return self.cal.overhead_s() if self.cal is not None else 0.0
+
+    @property
+    def plans(self) -> dict:
+        return self.sizer.plans if self.sizer is not None else {}
+
+    @property
+    def plan_log(self) -> dict:
+        return self.sizer.plan_log if self.sizer is not None else {}
+
+    def cache_key(self) -> dict:
+        return profile_cache_key(self.vllm_config, self.cfg)
+
+    # ------------------------------------------------------------------ model
+    def _build_predictors(self) -> None:
+        from dcpp.chunker.predictor import ChunkPredictor
+
+        self.predictors, self.sizer = {}, None
+        if self.model is None:
+            return
+        for mode in PLAN_MODES:
+            self.predictors[mode] = ChunkPredictor(
+                dataclasses.replace(self.cfg, plan_mode=mode), self.model,
+                max_num_batched_tokens=self.limits.max_num_batched_tokens,
+                page_size=self.limits.page_size, max_model_len=self.limits.max_model_len,
+                num_stages=self.num_stages)
+        spec = self.predictors[PLAN_MODES[0]].spec
+        self.sizer = ChunkSizer(lambda mode, n, h: self.predictors[mode].plan(n, history=h),
+                                floor=spec.floor, align=spec.align)
+        self.sizer.model = self.model
+
+    def set_model(self, model: Any) -> None:
+        """Plan with `model` from now on (plans in flight are continued)."""
+        self.model = model
+        for p in self.predictors.values():
+            p.set_model(model)
+        if self.sizer is not None:
+            self.sizer.model = model
+
+    def _refresh_planning_model(self) -> None:
+        if self.cal is None:
+            return
+        planning = self.cal.planning_model(add_overhead=self.stage_timing)
+        if planning != self.model:
+            self.set_model(planning)
+        if self.metrics is not None:
+            self.metrics.scale.set(self.cal.scale)
+            self.metrics.overhead.set(self.cal.overhead_s())
+
+    # ------------------------------------------------------------------ scheduling
+    def mode_for(self, request: Any) -> str:
+        override = vllm_compat.request_plan_override(request)
+        if override is None:
+            return self.cfg.plan_mode
+        if override != PLAN_OFF and override not in PLAN_MODES:
+            logger.warning("dcpp: unknown dcpp_plan %r on request %s; using %s", override,
+                           request.request_id, self.cfg.plan_mode)
+            return self.cfg.plan_mode
+        return override
+
+    def begin_step(self, scheduler: Any) -> None:
+        if self.sizer is not None:
+            self.sizer.begin_step(vllm_compat.step_token_budget(scheduler)
+                                  - vllm_compat.decode_tokens(scheduler))
+
+    def abort_step(self) -> None:
+        if self.sizer is not None:
+            self.sizer.end_step()
+
+    def cap(self, scheduler: Any, request: Any, history: int, offered: int) -> int:
+        """Chunk for `request` this step: in [1, `offered`] (vLLM's own number)."""
+        sizer = self.sizer
+        if sizer is None or not sizer.in_step or offered <= 1:
+            return offered
+        return sizer.size(Ask(
+            request_id=request.request_id, mode=self.mode_for(request),
+            total=vllm_compat.request_num_tokens(request), history=int(history),
+            offered=int(offered),
+            encoder_spans=vllm_compat.unsplittable_encoder_spans(scheduler, request),
+            block_align=vllm_compat.mamba_block_align(scheduler)))
+
+    def end_step(self, scheduler: Any, out: Any) -> None:
+        """The step vLLM scheduled: advance plans, log chunks, put it in the ledger."""
+        self.abort_step()
+        now = time.monotonic()
+        batch: list[tuple[int, int]] = []
+        finishing: list[str] = []
+        has_prefill = False
+        for rid, n, history, prefill, total in vllm_compat.scheduled_requests(scheduler, out):
+            batch.append((n, history))
+            if not prefill:
+                continue
+            has_prefill = True
+            if self.cal is not None and rid not in self._prefills:
+                mode = self.mode_for(vllm_compat.live_request(scheduler, rid))
+                self._prefills[rid] = _Prefill(now, history, mode, True)
+                _trim(self._prefills)
+            if self.metrics is not None:
+                self.metrics.chunk_tokens.observe(n)
+            self.chunk_log.setdefault(rid, []).append(n)
+            _trim(self.chunk_log)
+            if self.sizer is not None:
+                self.sizer.advance(rid, history, n)
+            if history + n >= total:
+                finishing.append(rid)
+                self.forget_plan(rid)
+                logger.debug("dcpp: request %s prefill chunks %s", rid, self.chunk_log[rid])
+        if self.cal is None or not batch:
+            return
+        if len(batch) > 1:
+            for rid in out.num_scheduled_tokens:
+                if rid in self._prefills:
+                    self._prefills[rid].alone = False
+        sent = self.timing.track(out, batch, has_prefill)
+        self.ledger.push(LedgerEntry(sent.fingerprint, now, batch, has_prefill, finishing, sent))
+
+    def forget_plan(self, request_id: str) -> None:
+        if self.sizer is not None:
+            self.sizer.forget([request_id])
+
+    def forget(self, request_ids: Any) -> None:
+        """Drop the plans and prefill timers of `request_ids` (None: of every request)."""
+        if self.sizer is not None:
+            self.sizer.forget(request_ids)
+        if request_ids is None:
+            self._prefills.clear()
+            return
+        for rid in request_ids:
+            self._prefills.pop(rid, None)
+
+    # ------------------------------------------------------------------ measurements
+    def on_output(self, scheduler_output: Any, t_out: float, idle: bool = False) -> None:
+        """A step's output came back at `t_out` (monotonic s)."""
+        if self.cal is None:
+            return
+        entry = self.ledger.pop(vllm_compat.step_fingerprint(scheduler_output))
+        last, self.last_output_t = self.last_output_t, t_out
+        # Only steps that queued behind another in the pipeline measure the pace (the step
+        # interval); the first step of a burst also includes the fill of all stages.
+        if (entry is not None and entry.has_prefill and last is not None
+                and last > entry.scheduled_at and t_out > last):
+            self._observe_interval(entry.batch, t_out - last, entry.sent)
+        if self.stage_timing:
+            self.timing.poll(idle, self._observe_stage_time)
+        if entry is not None and entry.finishing:
+            self._observe_requests(entry.finishing, t_out)
+        if (idle and self._unsaved
+                and time.monotonic() - self._saved_at >= calibration_store.SAVE_IDLE_S):
+            # vLLM's API server kills the engine core at shutdown (unless --shutdown-timeout
+            # is set), so an idle engine is where the state reliably gets to disk.
+            self.save_calibration()
+
+    def _observe_interval(self, batch: list, elapsed: float, sent: SentStep) -> None:
+        if self.stage_timing:
+            # Compute comes from the workers; the interval only tells the per-step overhead
+            # (kept on the step until its compute time arrives).
+            predicted = float(self.model.predict_batch(batch))
+            self.interval_errors.append(abs(predicted - elapsed) / elapsed)
+            sent.interval = elapsed
+            return
+        self._observe(batch, elapsed, None)  # the interval is the measurement
+
+    def _observe_stage_time(self, batch: list, measured: float, interval: float | None) -> None:
+        self._observe(batch, measured, interval)
+        if self.metrics is not None:
+            self.metrics.step_seconds.observe(measured)
+        self.timing.every = 1 if self.cal.drift_suspected() else TIMING_SAMPLE_EVERY
+
+    def _observe(self, batch: list, measured: float, interval: float | None) -> None:
+        refits = self.cal.num_refits
+        error = self.cal.observe(batch, measured, interval)
+        self._unsaved = True
+        if self.metrics is not None:
+            self.metrics.prediction_error.observe(error)
+        self._refresh_planning_model()
+        if (self.cal.num_refits > refits and self._unsaved
+                and time.monotonic() - self._saved_at >= calibration_store.SAVE_EVERY_S):
+            self.save_calibration()
+
+    def _observe_requests(self, request_ids: list[str], t_out: float) -> None:
+        """Whole prefills of planned requests that ran alone teach the per-step cost the
+        planner charges for every extra chunk (turnaround, hand-offs, jitter), which per-step
+        compute timings cannot see."""
+        for rid in request_ids:
+            info = self._prefills.pop(rid, None)
+            chunks = self.chunk_log.get(rid, [])
+            if info is None or not info.alone or info.mode == PLAN_OFF or len(chunks) < 4:
+                continue
+            self.cal.observe_request(chunks, info.history, t_out - info.started_at)
+            self._unsaved = True
+        self._refresh_planning_model()
+
+    # ------------------------------------------------------------------ persistence
+    def _restore_calibration(self, prof: Any) -> None:
+        """Start from what the previous engine with this profile learnt (`calibration_store`)."""
+        self._calibration_path = (calibration_store.path_for(prof.path)
+                                  if prof.path and prof.source != "none" else None)
+        self._profile_digest = calibration_store.profile_digest(self.cal.profile_samples)
+        path = self._calibration_path
+        if path is None:
+            return
+        if prof.source == "profiled" and os.path.exists(path):
+            logger.info("dcpp: removing %s (learnt on an earlier profile)", path)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            return
+        try:
+            state = calibration_store.load(path, cache_key=self.cache_key(),
+                                           digest=self._profile_digest)
+        except (OSError, ValueError) as exc:
+            logger.warning("dcpp: ignoring calibration file %s (%s); calibrating afresh",
+                           path, exc)
+            return
+        if not state:
+            return
+        self.cal.restore(state.step_samples, state.request_gaps, state.overheads)
+        self._refresh_planning_model()
+        logger.info("dcpp: calibration loaded from %s (%d step timings, %d whole prefills); "
+                    "per-step overhead %.2f ms; model %s", path, len(state.step_samples),
+                    len(state.request_gaps), 1e3 * self.overhead_s(), _fit_repr(self.model))
+
+    def save_calibration(self) -> None:
+        """Write what calibration learnt beside the profile (a warning, once, if it cannot)."""
+        path = self._calibration_path
+        if path is None or self.cal is None:
+            return
+        state = calibration_store.CalibrationState(
+            list(self.cal.samples), list(self.cal.request_gaps), list(self.cal.overheads))
+        if not state:
+            return
+        self._saved_at, self._unsaved = time.monotonic(), False
+        try:
+            calibration_store.save(path, state, cache_key=self.cache_key(),
+                                   digest=self._profile_digest)
+        except OSError as exc:
+            if not self._save_warned:
+                self._save_warned = True
+                logger.warning("dcpp: could not save calibration to %s (%s); a restart will "
+                               "calibrate afresh", path, exc)
+
+    def close(self) -> None:
+        """Save what calibration learnt; release the metrics port."""
+        if self._unsaved:
+            self.save_calibration()
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+
+    def stats(self) -> dict:
+        return {
+            "profile_source": self.profile_source, "profile_path": self.profile_path,
+            "num_profile_passes": self.num_profile_passes,
+            "num_observations": self.num_observations, "num_refits": self.num_refits,
+            "median_prediction_error": self.median_error(),
+            "stage_timing": self.stage_timing,
+            "timed_steps": self.timing.steps_timed, "tracked_steps": self.timing.steps_seen,
+            "overhead_s": self.overhead_s(),
+            "median_interval_error": (statistics.median(self.interval_errors)
+                                      if self.interval_errors else float("nan")),
+            "model": _fit_repr(self.model),
+        }
+
+
+def _trim(log: collections.OrderedDict) -> None:
+    while len(log) > MAX_LOGGED_REQUESTS:
+        log.popitem(last=False)
+
+
+def _fit_repr(model: Any) -> Any:
+    return None if model is None else model.to_dict()
