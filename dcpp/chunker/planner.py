@@ -194,6 +194,10 @@ def equal_time_plan(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
     return rule_plan(model, prompt_len, spec, equal_time_target(model, spec), history)
 
 
+COARSE_TARGETS = 12
+"""Target times of `pipeline_plan`'s first scan (one rule pass each)."""
+
+
 def pipeline_plan(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
                   history: int = 0) -> list[int]:
     """The rule's plan at the target time that minimises the pipeline objective."""
@@ -210,7 +214,8 @@ def pipeline_plan(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
 
     m_lo = float(model.predict_time(1, history))  # every chunk at its floor
     m_hi = float(model.predict_time(spec.max_num_batched_tokens, history + prompt_len))
-    k_min, k_max = len(at(m_hi)), len(at(m_lo))
+    # At m_lo every chunk is the floor: at most this many (no pass needed to bound k).
+    k_min, k_max = len(at(m_hi)), -(-prompt_len // spec.floor)
 
     def for_k(k: int) -> list[int]:
         """Plan at the smallest target time giving <= k chunks (bisection; the bracket comes
@@ -219,10 +224,20 @@ def pipeline_plan(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
         hi = min((m for m, pl in cache.items() if len(pl) <= k), default=m_hi)
         if len(at(lo)) <= k:
             return at(lo)
-        for _ in range(60):
+        c0 = float(model.predict_time(0, history))
+        for it in range(60):
             if hi - lo <= 1e-4 * hi:
                 break
             mid = math.sqrt(lo * hi) if lo > 0 else 0.5 * (lo + hi)
+            k_lo, k_hi = len(at(lo)), len(at(hi))
+            if it % 2 == 0 and k_lo > k_hi and lo > c0:
+                # Regula falsi on count ~ 1 / (m - c): one probe lands near the boundary,
+                # the alternating bisection keeps the bracket shrinking.
+                x_lo, x_hi = 1.0 / (lo - c0), 1.0 / (hi - c0)
+                x = x_hi + (x_lo - x_hi) * (k + 0.5 - k_hi) / (k_lo - k_hi)
+                guess = c0 + 1.0 / x if x > 0 else mid
+                if lo < guess < hi:
+                    mid = guess
             if len(at(mid)) <= k:
                 hi = mid
             else:
@@ -239,7 +254,7 @@ def pipeline_plan(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
 
     # Coarse scan over the target time (one greedy pass each), then the exact smallest target
     # for the chunk counts around the best one, walking while the objective improves.
-    for m in np.geomspace(m_lo, m_hi, 24).tolist():
+    for m in np.geomspace(m_lo, m_hi, COARSE_TARGETS).tolist():
         pl = at(m)
         if len(pl) not in scores:
             scores[len(pl)] = plan_cost(model, pl, p, history)
@@ -250,7 +265,8 @@ def pipeline_plan(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
         k, worse = k0, 0
         while k_min <= k + step <= k_max and worse < 2:
             k += step
-            worse = worse + 1 if score(k) > score(k - step) else 0
+            # Near the optimum the objective is flat: a step that gains < 1e-5 counts as worse.
+            worse = worse + 1 if score(k) > score(k - step) * (1 - 1e-5) else 0
     best_k = min(scores, key=lambda k: (scores[k], k))
     return for_k(best_k)
 
