@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any, Callable
 
 
 def _bad(name: str, raw: str, rule: str) -> ValueError:
@@ -12,32 +13,30 @@ def _bad(name: str, raw: str, rule: str) -> ValueError:
                       f"unset it for the default")
 
 
-def env_float(name: str, default: float, *, low: float, high: float = math.inf) -> float:
-    """`name` as a number in (low, high] (`default` when unset or empty)."""
+def _env_number(name: str, default: Any, parse: Callable[[str], Any],
+                ok: Callable[[Any], bool], rule: str) -> Any:
     raw = os.environ.get(name, "")
     if raw.strip() == "":
         return default
     try:
-        value = float(raw)
+        value = parse(raw)
     except ValueError:
-        raise _bad(name, raw, f"a number in ({low:g}, {high:g}]") from None
-    if not (low < value <= high) or math.isnan(value):
-        raise _bad(name, raw, f"a number in ({low:g}, {high:g}]")
+        raise _bad(name, raw, rule) from None
+    if not ok(value):
+        raise _bad(name, raw, rule)
     return value
+
+
+def env_float(name: str, default: float, *, low: float, high: float = math.inf) -> float:
+    """`name` as a number in (low, high] (`default` when unset or empty)."""
+    return _env_number(name, default, float, lambda v: low < v <= high,
+                       f"a number in ({low:g}, {high:g}]")
 
 
 def env_int(name: str, default: int, *, low: int, high: int) -> int:
     """`name` as an integer in [low, high] (`default` when unset or empty)."""
-    raw = os.environ.get(name, "")
-    if raw.strip() == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise _bad(name, raw, f"an integer in [{low}, {high}]") from None
-    if not low <= value <= high:
-        raise _bad(name, raw, f"an integer in [{low}, {high}]")
-    return value
+    return _env_number(name, default, int, lambda v: low <= v <= high,
+                       f"an integer in [{low}, {high}]")
 
 
 def profile_timeout_s() -> float:
