@@ -197,6 +197,10 @@ def equal_time_plan(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
 COARSE_TARGETS = 12
 """Target times of `pipeline_plan`'s first scan (one rule pass each)."""
 
+BISECT_RTOL = 1e-3
+"""Relative precision of the smallest target time giving k chunks (a target 0.1% above it
+moves the plan's objective by far less: only the last chunk changes)."""
+
 
 def pipeline_plan(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
                   history: int = 0) -> list[int]:
@@ -226,7 +230,7 @@ def pipeline_plan(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
             return at(lo)
         c0 = float(model.predict_time(0, history))
         for it in range(60):
-            if hi - lo <= 1e-4 * hi:
+            if hi - lo <= BISECT_RTOL * hi:
                 break
             mid = math.sqrt(lo * hi) if lo > 0 else 0.5 * (lo + hi)
             k_lo, k_hi = len(at(lo)), len(at(hi))
@@ -284,7 +288,7 @@ def default_plan(model: HistoryLatencyModel | None, prompt_len: int, spec: PlanS
     cands = [pipeline_plan(model, prompt_len, spec, history),
              equal_time_plan(model, prompt_len, spec, history),
              static_plan(prompt_len, spec, history)]
-    if spec.smooth_factor == 1 and not model.is_telescoping:
+    if spec.smooth_factor == 1 and _chunking_matters(model, prompt_len, spec, history):
         # Equal-time chunks are optimal for a fixed chunk count only when the work telescopes;
         # otherwise (prefix term delta, beta != 2*alpha) a coarse DP finds the better shape.
         try:
@@ -293,6 +297,25 @@ def default_plan(model: HistoryLatencyModel | None, prompt_len: int, spec: PlanS
         except ValueError:
             pass  # no plan on the coarse grid fits the limits: the rule's plans remain
     return min(cands, key=lambda pl: (plan_cost(model, pl, spec.num_stages, history), len(pl)))
+
+
+def _chunking_matters(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
+                      history: int) -> bool:
+    """Whether the prompt's work can depend on its chunking by more than `DP_WORTH` of it:
+    the non-telescoping part of the attention term, |beta - 2*alpha| * (N^2/2 + N*H), plus
+    the prefix term delta * H per chunk over the most chunks the floor allows. Fitted models
+    are never exactly telescoping; where this is negligible the DP cannot find a better
+    shape and is skipped."""
+    n, h = float(prompt_len), float(history)
+    work = float(stage_times(model, static_plan(prompt_len, spec, history), history).sum())
+    quad = abs(model.beta - 2.0 * model.alpha) * (n * n / 2.0 + n * h)
+    prefix = model.delta * (h + n) * (-(-prompt_len // spec.floor))
+    return quad + prefix > DP_WORTH * work
+
+
+DP_WORTH = 1e-3
+"""Smallest share of a prompt's work that chunking must be able to move for `default_plan` to
+try the coarse DP (a few to tens of ms per long prompt)."""
 
 
 # ---------------------------------------------------------------------------------------------
