@@ -1,7 +1,8 @@
 """Engine-agnostic dynamic chunker (numpy/scipy only; no vLLM or torch import).
 
 Data flow: profile (`profiler`) -> fit (`latency_model`) -> plan (`planner`, `predictor`)
--> run -> `calibration` refits from step timings. `simulate` scores plans.
+-> run -> step timings refit the model (`dcpp.integration.vllm.calibrator`; `calibration`
+measures their noise floor). `simulate` scores plans.
 """
 
 from dcpp.chunker.latency_model import FitError, HistoryLatencyModel, QuadraticModel
