@@ -571,3 +571,15 @@ def test_unwritable_calibration_file_warns_once_and_serving_goes_on(tmp_path, mo
         rt.close()
     assert caplog.text.count("could not save calibration") == 1
     assert rt.num_observations == 32 and rt.median_error() < 0.05
+
+
+def test_draft_tokens_are_not_prefill():
+    """A decode with 2 speculative tokens schedules 3 tokens at the sequence's end: not a
+    prefill; a prompt's last 3 tokens are."""
+    from dcpp.integration.vllm import vllm_compat
+
+    decode = NS(num_tokens=101, num_computed_tokens=103, num_prompt_tokens=90)  # 100 + 3 new
+    prompt = NS(num_tokens=500, num_computed_tokens=500, num_prompt_tokens=500)
+    s = NS(requests={"d": decode, "p": prompt})
+    got = vllm_compat.scheduled_requests(s, NS(num_scheduled_tokens={"d": 3, "p": 3}))
+    assert got == [("d", 3, 100, False, 101), ("p", 3, 497, True, 500)]
