@@ -138,7 +138,8 @@ def main(argv=None) -> int:
     match = all(greedy[m] == greedy["off"] for m in MODES)
     # Report the prediction error of the timed rounds only, i.e. after calibration had the
     # warm-up runs' step timings.
-    rt.errors.clear()
+    if rt.cal is not None:
+        rt.cal.errors.clear()
 
     ttft = {m: [] for m in MODES}
     for r in range(args.rounds):
