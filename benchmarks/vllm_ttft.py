@@ -186,7 +186,7 @@ def main(argv=None) -> int:
         result["restart"] = {"startup_s": time.perf_counter() - t0,
                              "profile_source": rt2.profile_source,
                              "profile_passes": rt2.num_profile_passes,
-                             "calibration_steps": len(rt2.step_samples),
+                             "calibration_steps": len(rt2.cal.samples) if rt2.cal is not None else 0,
                              "overhead_s": rt2.overhead_s()}
         # The restarted engine's first planned request: planned from the saved calibration
         # rather than from the bare profile.
