@@ -220,6 +220,7 @@ def pipeline_plan(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
     m_hi = float(model.predict_time(spec.max_num_batched_tokens, history + prompt_len))
     # At m_lo every chunk is the floor: at most this many (no pass needed to bound k).
     k_min, k_max = len(at(m_hi)), -(-prompt_len // spec.floor)
+    c0 = float(model.predict_time(0, history))  # a step's time with no new tokens
 
     def for_k(k: int) -> list[int]:
         """Plan at the smallest target time giving <= k chunks (bisection; the bracket comes
@@ -228,12 +229,11 @@ def pipeline_plan(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
         hi = min((m for m, pl in cache.items() if len(pl) <= k), default=m_hi)
         if len(at(lo)) <= k:
             return at(lo)
-        c0 = float(model.predict_time(0, history))
         for it in range(60):
             if hi - lo <= BISECT_RTOL * hi:
                 break
             mid = math.sqrt(lo * hi) if lo > 0 else 0.5 * (lo + hi)
-            k_lo, k_hi = len(at(lo)), len(at(hi))
+            k_lo, k_hi = len(at(lo)), len(at(hi))  # cached passes
             if it % 2 == 0 and k_lo > k_hi and lo > c0:
                 # Regula falsi on count ~ 1 / (m - c): one probe lands near the boundary,
                 # the alternating bisection keeps the bracket shrinking.

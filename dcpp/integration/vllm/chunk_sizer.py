@@ -18,9 +18,10 @@ import collections
 import dataclasses
 from typing import Callable, Protocol
 
-#: Plan names a request may pick; "off" leaves the request to vLLM's own chunking.
+from dcpp.config import PLAN_MODES  # noqa: F401 - the modes a request may pick, re-exported
+
+#: With PLAN_MODES, what a request may pick: "off" leaves it to vLLM's own chunking.
 PLAN_OFF = "off"
-PLAN_MODES = ("pipeline", "equal_time", "static")
 
 MAX_LOGGED_REQUESTS = 4096
 

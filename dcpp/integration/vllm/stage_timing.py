@@ -105,7 +105,7 @@ class StageTiming:
             self.sent.clear()
             # The new rate rides on the drain (no extra RPC); steps in flight may be timed at
             # the old one: the ones a rank did not time are dropped by `_match`.
-            every = self.every if self.every != self._workers_every else None
+            every = self.every if rate_changed else None
             try:
                 future = self.executor.collective_rpc(self._rpc("drain_step_times"),
                                                       args=(every,), non_block=True)
