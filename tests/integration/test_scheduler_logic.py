@@ -583,3 +583,17 @@ def test_draft_tokens_are_not_prefill():
     s = NS(requests={"d": decode, "p": prompt})
     got = vllm_compat.scheduled_requests(s, NS(num_scheduled_tokens={"d": 3, "p": 3}))
     assert got == [("d", 3, 100, False, 101), ("p", 3, 497, True, 500)]
+
+
+def test_encoder_spans_and_mamba_alignment_come_from_vllms_settings():
+    from dcpp.integration.vllm import vllm_compat
+
+    image = NS(mm_position=NS(offset=100, length=576))
+    r = NS(mm_features=[image])
+    split_ok = NS(scheduler_config=NS(disable_chunked_mm_input=False))
+    whole = NS(scheduler_config=NS(disable_chunked_mm_input=True))
+    assert vllm_compat.unsplittable_encoder_spans(split_ok, r) == ()
+    assert vllm_compat.unsplittable_encoder_spans(whole, r) == ((100, 576),)
+    assert vllm_compat.mamba_block_align(whole) == 1
+    mamba = NS(need_mamba_block_aligned_split=True, cache_config=NS(block_size=528))
+    assert vllm_compat.mamba_block_align(mamba) == 528

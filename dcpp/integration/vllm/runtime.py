@@ -304,7 +304,7 @@ class DcppRuntime:
         if self.metrics is not None:
             self.metrics.prediction_error.observe(error)
         self._refresh_planning_model()
-        if (self.cal.num_refits > refits and self._unsaved
+        if (self.cal.num_refits > refits
                 and time.monotonic() - self._saved_at >= calibration_store.SAVE_EVERY_S):
             self.save_calibration()
 
