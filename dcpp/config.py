@@ -1,9 +1,11 @@
 """`ProfilingChunkConfig`: parse and validate dcpp's block of vLLM's ``additional_config``.
 
 The block is accepted at top level (``{"profiling_chunk_config": {...}}``) and under
-``scheduler_config`` (vllm-ascend's newer nesting). Keys and defaults of vllm-ascend's
-feature are kept (``enabled``, ``smooth_factor``, ``min_chunk``, ``need_timing``); dcpp adds its
-own keys below. Every bad input raises ``ValueError`` naming the key, the value and the fix.
+``scheduler_config`` (vllm-ascend's newer nesting); given at both, the nested block wins and the
+top-level one is ignored with a warning, as in vllm-ascend. Keys and defaults of vllm-ascend's
+feature are kept (``enabled``, ``smooth_factor``, ``min_chunk``, ``need_timing``); its
+``max_fit_chunk`` is accepted and ignored (`FOREIGN_KEYS`); dcpp adds its own keys below. Every
+bad input raises ``ValueError`` naming the key, the value and the fix.
 
 No vLLM or torch import here: this module is engine-agnostic.
 """
@@ -26,6 +28,22 @@ BLOCK_KEY = "profiling_chunk_config"
 
 PLAN_MODES = ("pipeline", "equal_time", "static")
 """Accepted values of ``plan_mode``."""
+
+NESTING_KEY = "scheduler_config"
+"""vllm-ascend's nesting: ``additional_config["scheduler_config"]["profiling_chunk_config"]``."""
+
+FOREIGN_KEYS: dict[str, str] = {
+    "max_fit_chunk": (
+        "vllm-ascend ends its online calibration after that many chunk timings; dcpp never "
+        "ends it: it keeps the last calibration_window step timings, refits on them plus the "
+        "start-up profile every 32 steps (at once on drift), and times every step until 64 "
+        "were seen and while the error exceeds drift_threshold, else 1 step in 8. Tune "
+        "calibration_window instead, or set need_timing=false to plan from the start-up "
+        "profile alone"
+    ),
+}
+"""vllm-ascend keys that dcpp accepts (type- and range-checked as vllm-ascend does) and ignores,
+each with what dcpp does instead (logged once per parse)."""
 
 CACHE_ENV = "DCPP_CACHE_DIR"
 """Environment variable that overrides the profile cache root."""
@@ -86,7 +104,13 @@ class ProfilingChunkConfig:
     # ----------------------------------------------------------------------------------------
     @classmethod
     def valid_keys(cls) -> tuple[str, ...]:
+        """dcpp's own keys (the fields)."""
         return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def accepted_keys(cls) -> tuple[str, ...]:
+        """Every key a block may carry: dcpp's own, then vllm-ascend's that dcpp ignores."""
+        return cls.valid_keys() + tuple(FOREIGN_KEYS)
 
     @classmethod
     def from_dict(cls, block: dict[str, Any] | None) -> "ProfilingChunkConfig":
@@ -95,29 +119,35 @@ class ProfilingChunkConfig:
             return cls()
         if not isinstance(block, dict):
             raise ValueError(
-                f"{BLOCK_KEY} must be a dict of keys {list(cls.valid_keys())}, got "
+                f"{BLOCK_KEY} must be a dict of keys {list(cls.accepted_keys())}, got "
                 f"{type(block).__name__} {block!r}; fix: pass e.g. "
                 f'{{"{BLOCK_KEY}": {{"enabled": true}}}}'
             )
         valid = cls.valid_keys()
+        accepted = cls.accepted_keys()
         for key in block:
-            if key not in valid:
-                close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+            if key not in accepted:
+                close = difflib.get_close_matches(str(key), accepted, n=1, cutoff=0.5)
                 hint = f"did you mean {close[0]!r}? " if close else ""
                 raise ValueError(
-                    f"unknown key {key!r} in {BLOCK_KEY}; {hint}valid keys: {', '.join(valid)}"
+                    f"unknown key {key!r} in {BLOCK_KEY}; {hint}valid keys: {', '.join(accepted)}"
                 )
+        for key in FOREIGN_KEYS:
+            if key in block:
+                _check_field(key, block[key])
+                logger.warning("%s.%s=%r is vllm-ascend's key and has no effect in dcpp: %s.",
+                               BLOCK_KEY, key, block[key], FOREIGN_KEYS[key])
         if block.get("enabled") is False and block.get("need_timing") is True:
             logger.warning(
                 "%s.need_timing=True has no effect while enabled=False; forcing need_timing=False",
                 BLOCK_KEY,
             )
-        return cls(**block)
+        return cls(**{k: v for k, v in block.items() if k in valid})
 
     @classmethod
     def from_additional_config(cls, additional_config: dict | None) -> "ProfilingChunkConfig":
-        """Find dcpp's block in vLLM's ``additional_config`` (top level or under
-        ``scheduler_config``); absent -> defaults (disabled)."""
+        """Parse the block `find_block` picks from vLLM's ``additional_config`` (nested under
+        ``scheduler_config`` wins over top level); absent -> defaults (disabled)."""
         if additional_config is None:
             return cls()
         if not isinstance(additional_config, dict):
@@ -125,23 +155,7 @@ class ProfilingChunkConfig:
                 f"additional_config must be a dict, got {type(additional_config).__name__}; "
                 f'fix: --additional-config \'{{"{BLOCK_KEY}": {{"enabled": true}}}}\''
             )
-        top = additional_config.get(BLOCK_KEY)
-        sched = additional_config.get("scheduler_config")
-        nested = None
-        if sched is not None:
-            if not isinstance(sched, dict):
-                raise ValueError(
-                    f"additional_config['scheduler_config'] must be a dict, got "
-                    f"{type(sched).__name__}; fix: nest as "
-                    f'{{"scheduler_config": {{"{BLOCK_KEY}": {{...}}}}}}'
-                )
-            nested = sched.get(BLOCK_KEY)
-        if top is not None and nested is not None and top != nested:
-            raise ValueError(
-                f"{BLOCK_KEY} given both at top level ({top!r}) and under scheduler_config "
-                f"({nested!r}) with different values; fix: keep only one"
-            )
-        return cls.from_dict(top if top is not None else nested)
+        return cls.from_dict(find_block(additional_config))
 
     # ----------------------------------------------------------------------------------------
     def check_engine(
@@ -198,6 +212,33 @@ class ProfilingChunkConfig:
         return Path("~/.cache/dcpp/profiles").expanduser()
 
 
+def find_block(additional_config: dict) -> Any:
+    """The ``profiling_chunk_config`` block in effect, unparsed (None: absent).
+
+    As in vllm-ascend: a block under ``scheduler_config`` wins, even when the top level also has
+    one (that one is then ignored, unchecked, with a warning naming both places); a key given but
+    null counts as given (defaults)."""
+    sched = additional_config.get(NESTING_KEY)
+    if sched is not None and not isinstance(sched, dict):
+        raise ValueError(
+            f"additional_config['{NESTING_KEY}'] must be a dict, got "
+            f"{type(sched).__name__} {sched!r}; fix: nest as "
+            f'{{"{NESTING_KEY}": {{"{BLOCK_KEY}": {{...}}}}}}'
+        )
+    if sched is not None and BLOCK_KEY in sched:
+        if BLOCK_KEY in additional_config:
+            same = additional_config[BLOCK_KEY] == sched[BLOCK_KEY]
+            logger.warning(
+                "additional_config.%s (top level) is ignored%s because "
+                "additional_config.%s.%s is also set: the nested block wins, and vllm-ascend "
+                "deprecates the top-level one; fix: remove the top-level additional_config.%s",
+                BLOCK_KEY, "" if same else ", though its values differ,", NESTING_KEY, BLOCK_KEY,
+                BLOCK_KEY,
+            )
+        return sched[BLOCK_KEY]
+    return additional_config.get(BLOCK_KEY)
+
+
 # ---------------------------------------------------------------------------------------------
 # Field validation: (kind, check, rule text, fix text)
 def _is_int(v: Any) -> bool:
@@ -221,6 +262,9 @@ _RULES: dict[str, tuple[str, Any, str]] = {
     "drift_threshold": ("float", lambda v: 0.0 < v <= 10.0, "a number with 0 < x <= 10"),
     "metrics_port": ("int", lambda v: 0 <= v <= 65535,
                      "an int in [0, 65535] (0 turns the metrics endpoint off)"),
+    # vllm-ascend's, ignored by dcpp (FOREIGN_KEYS); the range vllm-ascend accepts
+    "max_fit_chunk": ("int", lambda v: v >= 6,
+                      "an int >= 6 (vllm-ascend's range; dcpp ignores the key), or remove it"),
 }
 
 

@@ -37,11 +37,116 @@ def test_block_top_level_and_nested():
     assert Cfg.from_additional_config(both) == top
 
 
-def test_conflicting_blocks_rejected():
-    d = {"profiling_chunk_config": {"enabled": True},
+# --- vllm-ascend configs (its ascend_config.py: SchedulerConfig, ProfilingChunkConfig) --------
+def _nested(block):
+    return {"scheduler_config": {"profiling_chunk_config": block}}
+
+
+@pytest.mark.parametrize("block", [
+    {"enabled": True},
+    {"enabled": True, "smooth_factor": 1.0, "min_chunk": 4096},  # its tutorial's block
+    {"enabled": True, "smooth_factor": 0.9},  # its e2e test's block
+    {"enabled": True, "need_timing": False},
+    {"enabled": True, "smooth_factor": 0.0},  # documented: "no dynamic adjustment"
+    {"enabled": True, "smooth_factor": 1},  # an int where a float is documented
+    {"enabled": True, "smooth_factor": 0.75, "min_chunk": 2048, "need_timing": True,
+     "max_fit_chunk": 30},  # every documented key
+    {"enabled": False, "max_fit_chunk": 6},  # the smallest max_fit_chunk it accepts
+])
+@pytest.mark.parametrize("where", ["top", "nested"])
+def test_every_vllm_ascend_block_is_accepted(block, where):
+    additional = {"profiling_chunk_config": block} if where == "top" else _nested(block)
+    c = Cfg.from_additional_config(additional)
+    own = {k: v for k, v in block.items() if k != "max_fit_chunk"}
+    assert c == Cfg(**own)
+    assert c.enabled is block["enabled"]
+    assert c.smooth_factor == block.get("smooth_factor", 1.0)
+    assert c.min_chunk == block.get("min_chunk", 4096)
+    assert c.need_timing is (block.get("need_timing", True) and block["enabled"])
+
+
+def test_max_fit_chunk_is_ignored_with_a_log_line_saying_what_dcpp_does(caplog):
+    with caplog.at_level(logging.WARNING, logger="dcpp.config"):
+        c = Cfg.from_dict({"enabled": True, "max_fit_chunk": 40})
+    assert c == Cfg(enabled=True)
+    assert not hasattr(c, "max_fit_chunk")
+    lines = [r.getMessage() for r in caplog.records if "max_fit_chunk" in r.getMessage()]
+    assert len(lines) == 1
+    assert "max_fit_chunk=40" in lines[0] and "no effect" in lines[0]
+    assert "calibration_window" in lines[0] and "need_timing=false" in lines[0]
+    with caplog.at_level(logging.WARNING, logger="dcpp.config"):
+        caplog.clear()
+        Cfg.from_dict({"enabled": True})
+    assert "max_fit_chunk" not in caplog.text  # no line when the key is absent
+
+
+@pytest.mark.parametrize("value", ["30", 30.0, True, None, [30]])
+def test_max_fit_chunk_wrong_type_names_key_value_and_fix(value):
+    with pytest.raises(ValueError) as e:
+        Cfg.from_dict({"enabled": True, "max_fit_chunk": value})
+    msg = str(e.value)
+    assert f"max_fit_chunk={value!r}" in msg and "wrong type" in msg
+    assert "fix: set max_fit_chunk to an int >= 6" in msg and "remove it" in msg
+
+
+@pytest.mark.parametrize("value", [5, 0, -30])
+def test_max_fit_chunk_below_vllm_ascend_range_is_rejected(value):
+    # vllm-ascend raises for max_fit_chunk <= 5; dcpp names the same rule and the fix.
+    with pytest.raises(ValueError, match=f"max_fit_chunk={value} is out of range; fix: set "
+                                         "max_fit_chunk to an int >= 6"):
+        Cfg.from_dict({"max_fit_chunk": value})
+
+
+def test_nested_block_wins_over_top_level_with_a_warning_naming_both(caplog):
+    d = {"profiling_chunk_config": {"enabled": True, "min_chunk": 512},
+         "scheduler_config": {"profiling_chunk_config": {"enabled": True, "min_chunk": 2048}}}
+    with caplog.at_level(logging.WARNING, logger="dcpp.config"):
+        c = Cfg.from_additional_config(d)
+    assert c.min_chunk == 2048  # the nested value, not the top level's 512
+    text = caplog.text
+    assert "additional_config.profiling_chunk_config (top level) is ignored" in text
+    assert "additional_config.scheduler_config.profiling_chunk_config" in text
+    assert "values differ" in text and "deprecates" in text
+    assert "fix: remove the top-level" in text
+
+
+def test_nested_block_wins_whole_and_the_ignored_top_level_is_not_checked(caplog):
+    # No key-by-key merge (vllm-ascend takes the nested dict as it is), and the ignored block
+    # may hold anything, as vllm-ascend never reads it either.
+    d = {"profiling_chunk_config": {"enabled": True, "smooth_factor": 0.5, "bogus": "x"},
          "scheduler_config": {"profiling_chunk_config": {"enabled": False}}}
-    with pytest.raises(ValueError, match="both at top level.*fix: keep only one"):
-        Cfg.from_additional_config(d)
+    with caplog.at_level(logging.WARNING, logger="dcpp.config"):
+        c = Cfg.from_additional_config(d)
+    assert c == Cfg()
+    assert "is ignored" in caplog.text
+
+
+def test_equal_blocks_at_both_levels_warn_without_claiming_a_difference(caplog):
+    block = {"enabled": True, "min_chunk": 1024}
+    d = {"profiling_chunk_config": block, **_nested(dict(block))}
+    with caplog.at_level(logging.WARNING, logger="dcpp.config"):
+        assert Cfg.from_additional_config(d) == Cfg(enabled=True, min_chunk=1024)
+    assert "is ignored" in caplog.text and "values differ" not in caplog.text
+
+
+def test_nested_null_block_counts_as_given():
+    d = {"profiling_chunk_config": {"enabled": True}, **_nested(None)}
+    assert Cfg.from_additional_config(d) == Cfg()
+
+
+def test_top_level_alone_is_dcpps_own_form_without_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="dcpp.config"):
+        Cfg.from_additional_config({"profiling_chunk_config": {"enabled": True}})
+        Cfg.from_additional_config({"scheduler_config": {"other": 1}})
+    assert caplog.text == ""
+
+
+def test_unknown_key_lists_vllm_ascend_keys_and_suggests_max_fit_chunk():
+    with pytest.raises(ValueError) as e:
+        Cfg.from_additional_config(_nested({"enabled": True, "max_fit_chunks": 30}))
+    msg = str(e.value)
+    assert "unknown key 'max_fit_chunks'" in msg and "did you mean 'max_fit_chunk'" in msg
+    assert "valid keys: enabled" in msg and "max_fit_chunk" in msg.split("valid keys:")[1]
 
 
 def test_unknown_key_suggests_closest_and_lists_valid():

@@ -138,3 +138,117 @@ def test_async_scheduling_gets_the_async_scheduler(tiny_checkpoint):
     assert cfg.scheduler_config.scheduler_cls == ASYNC_SCHEDULER_CLS
     assert issubclass(DcppAsyncScheduler, AsyncScheduler)
     vllm_compat.check_scheduler_hook(DcppAsyncScheduler)  # raises if the hook is missing
+
+
+# --- vllm-ascend configs ---------------------------------------------------------------------
+ASCEND_SCHED = "vllm_ascend.core.scheduler_profiling_chunk.ProfilingChunkScheduler"
+"""vllm-ascend's scheduler class, which its platform hook installs when its block is enabled."""
+
+REJECTED_BY_DCPP = {"enabled": True, "smooth_factor": "0.8", "min_chunk": 4096.0,
+                    "not_a_key": 1}
+"""A block dcpp rejects on three counts (vllm-ascend's own parser coerces the first two)."""
+
+
+def _capture_plugin_log(caplog):
+    import logging
+
+    log = logging.getLogger("vllm.dcpp")  # vLLM may stop "vllm" propagating to root
+    log.addHandler(caplog.handler)
+    log.setLevel(logging.INFO)
+    return log
+
+
+def test_vllm_ascend_block_with_max_fit_chunk_turns_dcpp_on(tiny_checkpoint, caplog):
+    block = {"enabled": True, "smooth_factor": 0.9, "min_chunk": 256, "need_timing": True,
+             "max_fit_chunk": 30}
+    with caplog.at_level("WARNING", logger="dcpp.config"):
+        cfg = engine_config(tiny_checkpoint, additional_config={
+            "scheduler_config": {"profiling_chunk_config": block}})
+    assert cfg.scheduler_config.scheduler_cls == SCHED
+    assert cfg.parallel_config.worker_extension_cls == EXT
+    assert "max_fit_chunk=30" in caplog.text and "calibration_window" in caplog.text
+
+
+@pytest.mark.parametrize("top, nested, dcpp_on", [
+    ({"enabled": False}, {"enabled": True}, True),
+    ({"enabled": True}, {"enabled": False}, False),
+    ({"enabled": True, "smooth_factr": 2}, {"enabled": True}, True),  # ignored, unchecked
+])
+def test_nested_block_decides_over_top_level(tiny_checkpoint, caplog, top, nested, dcpp_on):
+    additional = {"profiling_chunk_config": top,
+                  "scheduler_config": {"profiling_chunk_config": nested}}
+    with caplog.at_level("WARNING", logger="dcpp.config"):
+        cfg = engine_config(tiny_checkpoint, additional_config=additional)
+    assert (cfg.scheduler_config.scheduler_cls == SCHED) is dcpp_on
+    assert "(top level) is ignored" in caplog.text
+    assert "additional_config.scheduler_config.profiling_chunk_config" in caplog.text
+
+
+def test_user_named_vllm_ascend_scheduler_keeps_control_unchecked(tiny_checkpoint, caplog):
+    log = _capture_plugin_log(caplog)
+    try:
+        cfg = engine_config(tiny_checkpoint, scheduler_cls=ASCEND_SCHED,
+                            additional_config={"profiling_chunk_config": REJECTED_BY_DCPP})
+    finally:
+        log.removeHandler(caplog.handler)
+    assert cfg.scheduler_config.scheduler_cls == ASCEND_SCHED
+    assert cfg.parallel_config.worker_extension_cls != EXT
+    assert "dcpp: stays off" in caplog.text and "--scheduler-cls names vllm-ascend's" in caplog.text
+    assert f"pass --scheduler-cls {SCHED}" in caplog.text
+
+
+def test_scheduler_chosen_by_vllm_ascend_platform_keeps_control_unchecked(tiny_checkpoint,
+                                                                          caplog):
+    """vllm-ascend's platform hook runs before dcpp's and installs its scheduler when its block
+    is enabled; here the hook's result is set by hand on a real VllmConfig."""
+    from dcpp.integration.vllm.plugin import configure_engine
+
+    cfg = engine_config(tiny_checkpoint)
+    cfg.additional_config = {"scheduler_config": {"profiling_chunk_config": REJECTED_BY_DCPP}}
+    cfg.scheduler_config.scheduler_cls = ASCEND_SCHED
+    before_ext = cfg.parallel_config.worker_extension_cls
+    log = _capture_plugin_log(caplog)
+    try:
+        configure_engine(cfg, None)  # would raise ValueError if dcpp read the block
+    finally:
+        log.removeHandler(caplog.handler)
+    assert cfg.scheduler_config.scheduler_cls == ASCEND_SCHED
+    assert cfg.parallel_config.worker_extension_cls == before_ext
+    assert "vllm-ascend's platform selected its scheduler" in caplog.text
+    # The same block with no vllm-ascend around is dcpp's, and rejected with the key named.
+    cfg.scheduler_config.scheduler_cls = None
+    with pytest.raises(ValueError, match="not_a_key"):
+        configure_engine(cfg, None)
+
+
+@pytest.fixture
+def on_vllm_ascend_platform(monkeypatch):
+    from dcpp.integration.vllm import plugin
+
+    monkeypatch.setattr(plugin, "_platform_module", lambda: "vllm_ascend.platform")
+
+
+@pytest.mark.parametrize("block", [REJECTED_BY_DCPP, {"enabled": False, "min_chunk": "1"},
+                                   {"enabled": True}])
+def test_on_vllm_ascend_platform_dcpp_stays_off_unless_named(tiny_checkpoint, caplog,
+                                                             on_vllm_ascend_platform, block):
+    log = _capture_plugin_log(caplog)
+    try:
+        cfg = engine_config(tiny_checkpoint, additional_config={"profiling_chunk_config": block})
+    finally:
+        log.removeHandler(caplog.handler)
+    assert cfg.scheduler_config.scheduler_cls != SCHED
+    assert cfg.parallel_config.worker_extension_cls != EXT
+    assert "the platform is vllm-ascend's (vllm_ascend.platform)" in caplog.text
+
+
+def test_on_vllm_ascend_platform_naming_dcpp_runs_and_checks_dcpp(tiny_checkpoint,
+                                                                  on_vllm_ascend_platform):
+    cfg = engine_config(tiny_checkpoint, scheduler_cls=SCHED,
+                        additional_config={"profiling_chunk_config": {"enabled": True,
+                                                                      "max_fit_chunk": 30}})
+    assert cfg.scheduler_config.scheduler_cls == SCHED
+    assert cfg.parallel_config.worker_extension_cls == EXT
+    with pytest.raises(ValueError, match="not_a_key"):
+        engine_config(tiny_checkpoint, scheduler_cls=SCHED,
+                      additional_config={"profiling_chunk_config": REJECTED_BY_DCPP})

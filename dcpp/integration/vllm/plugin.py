@@ -9,11 +9,13 @@ dcpp's scheduler and `worker_extension_cls` to dcpp's worker extension.
 
 Which scheduler wins:
 - `--scheduler-cls` naming dcpp's scheduler: used (sync or async variant as vLLM requires).
-- `--scheduler-cls` naming any other class: start-up fails (two schedulers cannot both apply),
-  except for vllm-ascend's classes, which keep control (dcpp stays off, with a warning).
-- no `--scheduler-cls`, but the platform hook chose a non-vLLM scheduler (vllm-ascend's own
-  profiling-chunk scheduler reads the same `profiling_chunk_config` key): the platform's choice
-  wins and dcpp stays off, with a warning telling how to pick dcpp instead.
+- vllm-ascend in charge (`vllm_ascend_in_charge`): `--scheduler-cls` names a vllm-ascend class,
+  or vllm-ascend's platform hook chose its scheduler, or the platform is vllm-ascend's. The
+  block is vllm-ascend's then (its hook has already parsed and checked it, with its own rules):
+  dcpp stays off before reading it (an info line says why), so nothing in it can fail here.
+- `--scheduler-cls` naming any other class: start-up fails (two schedulers cannot both apply).
+- no `--scheduler-cls`, but the platform hook chose another non-vLLM scheduler: the platform's
+  choice wins and dcpp stays off, with a warning telling how to pick dcpp instead.
 - otherwise dcpp's scheduler is installed.
 """
 
@@ -65,6 +67,37 @@ def _is_vllm_default(value: Any) -> bool:
     return value is None or _name(value).startswith("vllm.")
 
 
+def _is_vllm_ascend(value: Any) -> bool:
+    return value is not None and _name(value).startswith("vllm_ascend.")
+
+
+def _platform_module() -> str:
+    """Module of vLLM's current platform class (vllm-ascend's: ``vllm_ascend.platform``)."""
+    try:
+        from vllm.platforms import current_platform
+
+        return str(type(current_platform).__module__)
+    except Exception:  # pragma: no cover - no usable platform: not vllm-ascend's either
+        return ""
+
+
+def vllm_ascend_in_charge(vllm_config: Any, scheduler_cls_before: Any) -> str | None:
+    """Why vllm-ascend, not dcpp, owns `profiling_chunk_config` in this engine (None: it does
+    not). Naming dcpp's scheduler with `--scheduler-cls` always keeps dcpp in charge."""
+    if _is_dcpp_scheduler(scheduler_cls_before):
+        return None
+    if _is_vllm_ascend(scheduler_cls_before):
+        return f"--scheduler-cls names vllm-ascend's scheduler {_name(scheduler_cls_before)}"
+    current = vllm_config.scheduler_config.scheduler_cls
+    if _is_vllm_ascend(current):
+        return f"vllm-ascend's platform selected its scheduler {_name(current)}"
+    platform = _platform_module()
+    if platform == "vllm_ascend" or platform.startswith("vllm_ascend."):
+        return (f"the platform is vllm-ascend's ({platform}), whose own scheduler reads "
+                f"{CONFIG_KEY}")
+    return None
+
+
 def configure_engine(vllm_config: Any, scheduler_cls_before: Any = None) -> None:
     """Apply `profiling_chunk_config` to a VllmConfig (runs after the platform hook)."""
     additional = getattr(vllm_config, "additional_config", None)
@@ -75,6 +108,15 @@ def configure_engine(vllm_config: Any, scheduler_cls_before: Any = None) -> None
 
     from dcpp.integration.vllm import ASYNC_SCHEDULER_CLS, SCHEDULER_CLS, WORKER_EXTENSION_CLS
     from dcpp.integration.vllm import vllm_compat
+
+    ascend = vllm_ascend_in_charge(vllm_config, scheduler_cls_before)
+    if ascend is not None:
+        # vllm-ascend's hook has parsed and checked the block by its own rules; dcpp checking it
+        # again could only reject what vllm-ascend accepts.
+        logger.info("dcpp: stays off and leaves %s to vllm-ascend (not read or checked by dcpp): "
+                    "%s. To use dcpp instead, pass --scheduler-cls %s",
+                    CONFIG_KEY, ascend, SCHEDULER_CLS)
+        return
 
     cfg = ProfilingChunkConfig.from_additional_config(additional)  # ValueError names the key
     sched = vllm_config.scheduler_config
@@ -101,18 +143,13 @@ def configure_engine(vllm_config: Any, scheduler_cls_before: Any = None) -> None
     current = sched.scheduler_cls
     user_named = scheduler_cls_before is not None and not _is_vllm_default(scheduler_cls_before)
     if user_named and not _is_dcpp_scheduler(scheduler_cls_before):
-        if "vllm_ascend" in _name(scheduler_cls_before):
-            logger.warning("dcpp: --scheduler-cls %s is vllm-ascend's; it keeps control and dcpp "
-                           "stays off", _name(scheduler_cls_before))
-            return
         raise ValueError(
             f"profiling_chunk_config.enabled needs dcpp's scheduler, but --scheduler-cls names "
             f"{_name(scheduler_cls_before)!r}. Drop --scheduler-cls, set it to {SCHEDULER_CLS}, "
             "or disable profiling_chunk_config.")
     if not user_named and not _is_vllm_default(current) and not _is_dcpp_scheduler(current):
         logger.warning(
-            "dcpp: the platform selected scheduler %s (e.g. vllm-ascend's own profiling-chunk "
-            "scheduler, which reads the same profiling_chunk_config); it wins and dcpp stays off. "
+            "dcpp: the platform selected scheduler %s; it wins and dcpp stays off. "
             "Pass --scheduler-cls %s to use dcpp instead.", _name(current), SCHEDULER_CLS)
         return
 
