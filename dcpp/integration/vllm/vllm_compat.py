@@ -35,17 +35,56 @@ def vllm_version() -> str:
         return "unknown"
 
 
+# The vLLM releases whose `Scheduler` has PER_REQUEST_CAP_HOOK with the signature dcpp overrides
+# (read in vllm/v1/core/sched/scheduler.py of the 0.32.0 and 0.33.0 wheels; `AsyncScheduler`
+# inherits it). vLLM 0.27.1, the version vllm-ascend's main branch pins, has no per-request hook.
+VLLM_SUPPORTED = "0.32 and 0.33"
+VLLM_SUPPORTED_SPEC = ">=0.32,<0.34"
+_HOOK_PARAMS = ["self", "request", "num_computed_tokens", "num_new_tokens"]
+
+
+def _below_dcpp(scheduler_cls: type) -> tuple[type, ...]:
+    """The MRO of `scheduler_cls` after its last dcpp class: where the mixin's `super()` calls
+    land (all of it if no dcpp class is in it)."""
+    mro = scheduler_cls.__mro__
+    last = max((i for i, c in enumerate(mro) if c.__module__.split(".")[0] == "dcpp"),
+               default=-1)
+    return mro[last + 1:]
+
+
+def vllm_scheduler_base(scheduler_cls: type) -> type:
+    """vLLM's class under dcpp's scheduler (e.g. vLLM's `Scheduler` under `DcppScheduler`)."""
+    below = _below_dcpp(scheduler_cls)
+    return below[0] if below else object
+
+
 def check_scheduler_hook(scheduler_cls: type) -> None:
-    """Fail at start-up, naming the fix, if this vLLM lacks the per-request hook dcpp uses."""
-    fn = getattr(scheduler_cls, PER_REQUEST_CAP_HOOK, None)
-    params = list(inspect.signature(fn).parameters) if fn is not None else []
-    if params[:4] != ["self", "request", "num_computed_tokens", "num_new_tokens"]:
-        raise RuntimeError(
-            f"dcpp's scheduler needs {scheduler_cls.__name__}.{PER_REQUEST_CAP_HOOK}(request, "
-            f"num_computed_tokens, num_new_tokens) from vLLM {', '.join(VLLM_VERSIONS_CHECKED)}; "
-            f"vLLM {vllm_version()} does not have it. Install vllm {VLLM_VERSIONS_CHECKED[-1]} "
-            "or disable profiling_chunk_config."
-        )
+    """Fail at start-up, naming the fix, if vLLM's scheduler under `scheduler_cls` lacks the
+    per-request hook dcpp overrides. Looks at vLLM's classes, not at `scheduler_cls`, where
+    dcpp's own override is always found (on vLLM 0.27 dcpp would profile, log that it is on,
+    and never size a chunk)."""
+    fn = next((vars(c)[PER_REQUEST_CAP_HOOK] for c in _below_dcpp(scheduler_cls)
+               if PER_REQUEST_CAP_HOOK in vars(c)), None)
+    fn = getattr(fn, "__func__", fn)  # a staticmethod/classmethod: its signature will not match
+    try:
+        params = list(inspect.signature(fn).parameters) if callable(fn) else []
+    except (TypeError, ValueError):
+        params = []
+    if params[:4] == _HOOK_PARAMS:
+        return
+    base = vllm_scheduler_base(scheduler_cls)
+    found = f"{PER_REQUEST_CAP_HOOK}({', '.join(params)})" if params else "no such method"
+    raise RuntimeError(
+        f"dcpp's scheduler {scheduler_cls.__name__} sizes prefill chunks through vLLM's "
+        f"Scheduler.{PER_REQUEST_CAP_HOOK}({', '.join(_HOOK_PARAMS[1:])}), which vLLM "
+        f"{VLLM_SUPPORTED} have; {base.__module__}.{base.__qualname__} (vLLM {vllm_version()}) "
+        f"has {found} (vLLM 0.27.x, pinned by vllm-ascend's main branch, has no per-request "
+        f"hook). Fix: install a supported vLLM (pip install 'vllm{VLLM_SUPPORTED_SPEC}', "
+        "or 'dcpp[vllm]' for the CPU build; on Ascend a vllm-ascend release for one of them), "
+        "or run vLLM's own chunking: set profiling_chunk_config.enabled to false (and drop "
+        f"--scheduler-cls {scheduler_cls.__module__}.{scheduler_cls.__qualname__} if given; "
+        "to keep vllm-ascend's own profiling chunk scheduler, uninstall dcpp)."
+    )
 
 
 # --------------------------------------------------------------------------- platform hook
