@@ -6,9 +6,10 @@ model of the whole forward (t) and of one stage (t/P) give the same plans.
 
 * `static_plan`: fixed ``max_num_batched_tokens`` chunks (vLLM's default).
 * `equal_time_plan`: vllm-ascend's / SGLang's rule, every chunk takes t(base, 0).
-* `pipeline_plan`: the same per-chunk rule with the target time chosen by dcpp: for each chunk
-  count K the smallest target giving K chunks (equal-time K chunks), then the K minimising the
-  objective (more chunks shrink the fill/drain term, each costs the fixed step cost c).
+* `pipeline_plan`: the same per-chunk rule with the target time chosen by dcpp: for chunk
+  counts K around the lower bound's best K, the smallest target giving K chunks (equal-time K
+  chunks), walking while the objective improves (more chunks shrink the fill/drain term, each
+  costs the fixed step cost c); a few rule passes, ~6 at 1M tokens.
 * `default_plan`: the best of pipeline, equal-time and static (and, for models whose work
   depends on the chunking, a coarse DP) under the model, so never worse than equal-time.
 * `optimal_plan`: TeraPipe-style DP: for a cap M on chunk time, the least ``sum(s)`` over an
@@ -103,7 +104,11 @@ def stage_times(model: HistoryLatencyModel, plan: list[int], history: int = 0) -
 
 
 class _Rule:
-    """The per-chunk rule with everything precomputed (the planners call it thousands of times)."""
+    """The per-chunk rule with everything precomputed (the planners run it thousands of times).
+
+    `chunk` is the rule for one chunk; `sweep` applies it to a whole prompt in one loop with
+    the same arithmetic (the planners' inner loop: a pass over a 1M-token prompt is ~1300
+    chunks) and also returns the chunks' summed and largest predicted time."""
 
     __slots__ = ("a", "b_", "g", "d", "c", "target", "base", "sigma", "cap", "floor", "align",
                  "max_len", "p1")
@@ -119,11 +124,9 @@ class _Rule:
     def t(self, c: float, h: float) -> float:
         return self.a * c * c + self.b_ * c * h + self.g * c + self.d * h + self.c
 
-    def chunk(self, h: int, rem: int) -> int:
-        hard = min(rem, self.base, self.max_len - h)
-        if self.sigma == 0 or hard <= 0:
-            return max(hard, 0)
-        # Largest real C with t(C, h) <= target (stable root of a*C^2 + qb*C + qc = 0).
+    def _solve(self, h: int) -> float:
+        """Smoothed real chunk at history ``h``: the largest C with t(C, h) <= target (the
+        stable root of a*C^2 + qb*C + qc = 0), moved towards the budget by sigma."""
         qb = self.b_ * h + self.g
         qc = self.d * h + self.c - self.target
         if qc >= 0:
@@ -132,22 +135,79 @@ class _Rule:
             c_star = (-2.0 * qc) / (qb + math.sqrt(qb * qb - 4.0 * self.a * qc))
         else:
             c_star = -qc / qb if qb > 0 else math.inf
-        c_s = self.base + self.sigma * (c_star - self.base) if c_star != math.inf else math.inf
+        return self.base + self.sigma * (c_star - self.base) if c_star != math.inf else math.inf
+
+    def _merge_tail(self, h: int, rem: int, c: int) -> int:
+        """``rem`` (one merged last chunk) instead of ``c`` when a separate tail chunk would
+        cost the pipeline more."""
+        s_m, s_c, s_t = self.t(rem, h), self.t(c, h), self.t(rem - c, h + c)
+        split = s_c + s_t + self.p1 * max(0.0, max(s_c, s_t) - self.target)
+        merged = s_m + self.p1 * max(0.0, s_m - self.target)
+        return rem if merged <= split else c
+
+    def chunk(self, h: int, rem: int) -> int:
+        hard = min(rem, self.base, self.max_len - h)
+        if self.sigma == 0 or hard <= 0:
+            return max(hard, 0)
+        c_s = self._solve(h)
         if c_s >= self.cap:
             c = self.cap
         else:
             c = max(int(c_s) - int(c_s) % self.align, self.floor)
         c = min(c, self.cap, hard)
-        tail = rem - c
-        if 0 < tail and rem <= hard:
-            s_m, s_c, s_t = self.t(rem, h), self.t(c, h), self.t(tail, h + c)
-            split = s_c + s_t + self.p1 * max(0.0, max(s_c, s_t) - self.target)
-            merged = s_m + self.p1 * max(0.0, s_m - self.target)
-            if merged <= split:
-                c = rem
+        if 0 < rem - c and rem <= hard:
+            c = self._merge_tail(h, rem, c)
         return c
 
-    def plan(self, prompt_len: int, history: int) -> list[int]:
+    def sweep(self, prompt_len: int, history: int,
+              keep: bool = True) -> tuple[list[int], int, float, float]:
+        """(plan, chunks, summed time, largest time) of the rule over the prompt; ``plan`` is
+        empty unless ``keep``. Same chunks as calling `chunk` repeatedly (a test checks)."""
+        a, b_, g, d, c0 = self.a, self.b_, self.g, self.d, self.c
+        target, base, sigma = self.target, self.base, self.sigma
+        cap, floor, align, max_len = self.cap, self.floor, self.align, self.max_len
+        if sigma == 0 or a <= 0:
+            plan = self._slow_plan(prompt_len, history)
+            s = [self.t(c, h) for c, h in zip(plan, _starts(plan, history))]
+            return (plan if keep else []), len(plan), float(sum(s)), float(max(s))
+        plan: list[int] = []
+        h, rem, k, tot, mx = history, prompt_len, 0, 0.0, 0.0
+        g_t = c0 - target
+        while rem > 0:
+            hard = rem if rem < base else base
+            if max_len - h < hard:
+                hard = max_len - h
+                if hard <= 0:
+                    raise ValueError(f"no room for a chunk at history={h} (max_model_len={max_len})")
+            qb = b_ * h + g
+            qc = d * h + g_t
+            c_s = base - sigma * base if qc >= 0 else (
+                base + sigma * ((-2.0 * qc) / (qb + math.sqrt(qb * qb - 4.0 * a * qc)) - base))
+            if c_s >= cap:
+                c = cap
+            else:
+                c = int(c_s)
+                c -= c % align
+                if c < floor:
+                    c = floor
+                if c > cap:
+                    c = cap
+            if c > hard:
+                c = hard
+            if c < rem and rem <= hard:
+                c = self._merge_tail(h, rem, c)
+            s = a * c * c + b_ * c * h + g * c + d * h + c0
+            tot += s
+            if s > mx:
+                mx = s
+            if keep:
+                plan.append(c)
+            k += 1
+            h += c
+            rem -= c
+        return plan, k, tot, mx
+
+    def _slow_plan(self, prompt_len: int, history: int) -> list[int]:
         plan: list[int] = []
         h, rem = history, prompt_len
         while rem > 0:
@@ -158,6 +218,18 @@ class _Rule:
             h += c
             rem -= c
         return plan
+
+    def plan(self, prompt_len: int, history: int) -> list[int]:
+        return self.sweep(prompt_len, history)[0]
+
+
+def _starts(plan: list[int], history: int) -> list[int]:
+    """History at the start of each chunk of ``plan``."""
+    out, h = [], history
+    for c in plan:
+        out.append(h)
+        h += c
+    return out
 
 
 def rule_chunk(model: HistoryLatencyModel, history: int, remaining: int, target: float,
@@ -194,12 +266,113 @@ def equal_time_plan(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
     return rule_plan(model, prompt_len, spec, equal_time_target(model, spec), history)
 
 
-COARSE_TARGETS = 12
-"""Target times of `pipeline_plan`'s first scan (one rule pass each)."""
-
 BISECT_RTOL = 1e-3
-"""Relative precision of the smallest target time giving k chunks (a target 0.1% above it
-moves the plan's objective by far less: only the last chunk changes)."""
+"""Finest relative precision of the smallest target time giving k chunks (a target 0.1% above
+it moves the plan's objective by far less: only the last chunk changes)."""
+
+OBJ_RTOL = 1e-4
+"""Share of the objective the search may leave: the walk over chunk counts treats a smaller
+gain as none, and the target of each count is found only as precisely as this requires."""
+
+
+class _TargetSearch:
+    """Rule passes over one prompt at chosen target times (each pass is a valid plan, kept with
+    its objective terms), and the smallest target giving at most k chunks. The chunk count
+    falls as the target grows; the fractional count ``kappa = chunks - 1 + t(last chunk) /
+    target`` falls with it, nearly continuously through each boundary (just below it the last
+    chunk is small, at it the last chunk is full; a merged tail makes it jump), so
+    interpolating kappa against 1 / (target - c0) (count ~ work / (target - fixed cost)) lands
+    near the boundary in a few passes."""
+
+    def __init__(self, model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
+                 history: int) -> None:
+        self.rule = _Rule(model, spec, 0.0)
+        self.n, self.h = prompt_len, history
+        self.c0 = float(model.predict_time(0, history))  # a step with no new tokens
+        self.runs: dict[float, tuple[int, float, float, float]] = {}
+        """target -> (chunks, kappa, summed time, largest time)."""
+        self._plans: dict[float, list[int]] = {}
+
+    def run(self, m: float) -> tuple[int, float, float, float]:
+        if m not in self.runs:
+            self.rule.target = m
+            plan, k, tot, mx = self.rule.sweep(self.n, self.h, keep=True)
+            last = self.rule.t(plan[-1], self.h + self.n - plan[-1])
+            self.runs[m] = (k, k - 1 + min(last / m, 1.0), tot, mx)
+            self._plans[m] = plan
+        return self.runs[m]
+
+    def _bracket(self, k: int, m_lo: float, m_hi: float) -> tuple[float, float]:
+        """Targets lo < hi with > k chunks at lo and <= k at hi (lo = m_lo when even m_lo gives
+        <= k chunks). Missing ends are extrapolated from the nearest run with kappa ~ W / (m -
+        c0), W from that run, aiming just past the boundary."""
+        for _ in range(8):
+            lo = max((m for m, r in self.runs.items() if r[0] > k), default=None)
+            hi = min((m for m, r in self.runs.items() if r[0] <= k), default=None)
+            if lo is not None and hi is not None:
+                return lo, hi
+            if lo is None and hi is None:
+                self.run(m_hi)
+                continue
+            near, aim, edge = (hi, k + 0.5, m_lo) if lo is None else (lo, k - 0.5, m_hi)
+            work = self.runs[near][1] * (near - self.c0)
+            guess = self.c0 + work / aim if near > self.c0 and aim > 0 else edge
+            if lo is None:
+                guess = m_lo if not m_lo < guess < near else guess
+            else:
+                guess = m_hi if not near < guess < m_hi else guess
+            if guess in self.runs:  # an edge already run: nothing further out to try
+                break
+            self.run(guess)
+        lo = max((m for m, r in self.runs.items() if r[0] > k), default=m_lo)
+        hi = min((m for m, r in self.runs.items() if r[0] <= k), default=m_hi)
+        self.run(lo)
+        self.run(hi)
+        return lo, hi
+
+    def cheapest(self, p1: int) -> float:
+        """The target of the cheapest pass run (every pass is a valid plan; ties: fewer
+        chunks)."""
+        return min(self.runs, key=lambda m: (self.runs[m][2] + p1 * self.runs[m][3],
+                                             self.runs[m][0]))
+
+    def plan(self, m: float) -> list[int]:
+        self.run(m)
+        return list(self._plans[m])
+
+    def smallest_target(self, k: int, m_lo: float, m_hi: float,
+                        rtol: float) -> tuple[float, int]:
+        """(m, j): m within ``rtol`` above the smallest target giving <= k chunks (``m_lo`` if
+        even that gives <= k; the bracket starts from the targets already run), and j the chunk
+        count just below m (the next larger count: counts in between have no plan)."""
+        lo, hi = self._bracket(k, m_lo, m_hi)
+        if self.runs[lo][0] <= k:
+            return lo, self.runs[lo][0]
+        side, streak = -1, 0
+        while hi - lo > rtol * hi:
+            gap = rtol * hi
+            guess = math.sqrt(lo * hi) if lo > 0 else 0.5 * (lo + hi)
+            f_lo, f_hi = self.runs[lo][1] - k, self.runs[hi][1] - k  # > 0, <= 0
+            if streak < 2 and lo > self.c0 and f_lo > f_hi:
+                # Regula falsi on kappa against 1 / (target - c0); bisection after two
+                # probes on one side (kappa jumps where the rule merges a tail).
+                x_lo, x_hi = 1.0 / (lo - self.c0), 1.0 / (hi - self.c0)
+                x = x_lo + (x_hi - x_lo) * f_lo / (f_lo - f_hi)
+                if x > 0 and lo < self.c0 + 1.0 / x < hi:
+                    guess = self.c0 + 1.0 / x
+            # Near an end, probe one gap inside it: the probe closes the bracket or moves it.
+            if hi - guess < 0.5 * gap:
+                guess = hi - 0.99 * gap
+            elif guess - lo < 0.5 * gap:
+                guess = lo + 0.99 * gap
+            new_side = 1 if self.run(guess)[0] <= k else 0
+            if new_side:
+                hi = guess
+            else:
+                lo = guess
+            streak = streak + 1 if new_side == side else 0
+            side = new_side
+        return hi, self.runs[lo][0]
 
 
 def pipeline_plan(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
@@ -208,71 +381,71 @@ def pipeline_plan(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
     check_prompt(prompt_len, history, spec)
     if spec.smooth_factor == 0:
         return static_plan(prompt_len, spec, history)
-    p = spec.num_stages
-    cache: dict[float, list[int]] = {}
-
-    def at(m: float) -> list[int]:
-        if m not in cache:
-            cache[m] = rule_plan(model, prompt_len, spec, m, history)
-        return cache[m]
-
+    p1 = spec.num_stages - 1
+    search = _TargetSearch(model, prompt_len, spec, history)
     m_lo = float(model.predict_time(1, history))  # every chunk at its floor
     m_hi = float(model.predict_time(spec.max_num_batched_tokens, history + prompt_len))
-    # At m_lo every chunk is the floor: at most this many (no pass needed to bound k).
-    k_min, k_max = len(at(m_hi)), -(-prompt_len // spec.floor)
-    c0 = float(model.predict_time(0, history))  # a step's time with no new tokens
+    # Every count lies in [k_min, k_max]: no chunk exceeds the budget, none but the last is
+    # below the floor.
+    k_min = -(-prompt_len // spec.max_num_batched_tokens)
+    k_max = -(-prompt_len // spec.floor)
+    if p1 == 0 or k_min >= k_max:  # nothing to trade: the budget-sized or equal-time plan
+        search.run(m_hi)
+        search.run(equal_time_target(model, spec))
+        return search.plan(search.cheapest(p1))
 
-    def for_k(k: int) -> list[int]:
-        """Plan at the smallest target time giving <= k chunks (bisection; the bracket comes
-        from targets already tried, the chunk count falls as the target grows)."""
-        lo = max((m for m, pl in cache.items() if len(pl) > k), default=m_lo)
-        hi = min((m for m, pl in cache.items() if len(pl) <= k), default=m_hi)
-        if len(at(lo)) <= k:
-            return at(lo)
-        for it in range(60):
-            if hi - lo <= BISECT_RTOL * hi:
+    # Start at the chunk count minimising the lower bound's relaxation (the model's own
+    # terms, no alignment or budget caps), then walk over the distinct plans on both sides
+    # while the objective improves by more than OBJ_RTOL. The answer is the cheapest pass
+    # seen: the tail-merge and smoothing rules make the objective uneven within a count.
+    ks, work = _bound_curve(model, prompt_len, spec, history)
+    bound = work * (1 + p1 / ks)  # [K] no K-chunk plan has a smaller objective
+    i0 = int(np.argmin(bound))
+    k0 = min(max(int(ks[i0]), k_min), k_max)
+    search.run(min(max(bound[i0] / (ks[i0] + p1), m_lo), m_hi))  # its mean step time
+
+    def rtol(k: int) -> float:
+        """Target precision for k chunks: a target x above the boundary raises the objective
+        ~ (k + p1) * m by ~ p1 * x * m, so OBJ_RTOL of the objective allows this much."""
+        return max(BISECT_RTOL, OBJ_RTOL * (k + p1) / p1)
+
+    scores: dict[int, float] = {}  # chunk count -> objective of its smallest-target plan
+    below: dict[int, int] = {}  # chunk count -> the next larger count that has a plan
+
+    def score(k: int) -> int:
+        """Evaluate the plan with at most k chunks; returns its chunk count."""
+        m, j = search.smallest_target(k, m_lo, m_hi, rtol(k))
+        got, _, tot, mx = search.run(m)
+        scores.setdefault(got, tot + p1 * mx)
+        below[got] = j
+        return got
+
+    k = score(k0)
+    for up in (True, False):
+        cur, worse = k, 0
+        while worse < 1:
+            nxt = below[cur] if up else cur - 1
+            if not k_min <= nxt <= k_max or nxt == cur:
                 break
-            mid = math.sqrt(lo * hi) if lo > 0 else 0.5 * (lo + hi)
-            k_lo, k_hi = len(at(lo)), len(at(hi))  # cached passes
-            if it % 2 == 0 and k_lo > k_hi and lo > c0:
-                # Regula falsi on count ~ 1 / (m - c): one probe lands near the boundary,
-                # the alternating bisection keeps the bracket shrinking.
-                x_lo, x_hi = 1.0 / (lo - c0), 1.0 / (hi - c0)
-                x = x_hi + (x_lo - x_hi) * (k + 0.5 - k_hi) / (k_lo - k_hi)
-                guess = c0 + 1.0 / x if x > 0 else mid
-                if lo < guess < hi:
-                    mid = guess
-            if len(at(mid)) <= k:
-                hi = mid
-            else:
-                lo = mid
-        return at(hi)
-
-    scores: dict[int, float] = {}
-
-    def score(k: int) -> float:
-        k = min(max(k, k_min), k_max)
-        if k not in scores:
-            scores[k] = plan_cost(model, for_k(k), p, history)
-        return scores[k]
-
-    # Coarse scan over the target time (one greedy pass each), then the exact smallest target
-    # for the chunk counts around the best one, walking while the objective improves.
-    for m in np.geomspace(m_lo, m_hi, COARSE_TARGETS).tolist():
-        pl = at(m)
-        if len(pl) not in scores:
-            scores[len(pl)] = plan_cost(model, pl, p, history)
-    k0 = min(scores, key=lambda k: (scores[k], k))
-    scores = {}
-    score(k0)
-    for step in (1, -1):
-        k, worse = k0, 0
-        while k_min <= k + step <= k_max and worse < 2:
-            k += step
-            # Near the optimum the objective is flat: a step that gains < 1e-5 counts as worse.
-            worse = worse + 1 if score(k) > score(k - step) * (1 - 1e-5) else 0
-    best_k = min(scores, key=lambda k: (scores[k], k))
-    return for_k(best_k)
+            nxt = score(nxt)
+            if nxt == cur:
+                break
+            # Near the optimum the objective is flat: a gain below OBJ_RTOL counts as none.
+            worse = worse + 1 if scores[nxt] > scores[cur] * (1 - OBJ_RTOL) else 0
+            cur = nxt
+    # Never worse than the equal-time plan: run it unless the bound rules it out. Its chunks
+    # but the last take at most `top` each (its target, or the floor or, smoothed, the cap
+    # above it), the last at most m_hi, so its count k has L(k) <= (k - 1) * top + m_hi, and
+    # its objective is at least bound(k).
+    m_et = equal_time_target(model, spec)
+    h_end = history + prompt_len
+    top = max(m_et if spec.smooth_factor == 1 else float(model.predict_time(spec.cap, h_end)),
+              float(model.predict_time(spec.floor, h_end)))
+    possible = work <= (ks - 1) * top + m_hi
+    best_seen = min(r[2] + p1 * r[3] for r in search.runs.values())  # seconds
+    if possible.any() and float(bound[possible].min()) < best_seen:
+        search.run(m_et)
+    return search.plan(search.cheapest(p1))
 
 
 def default_plan(model: HistoryLatencyModel | None, prompt_len: int, spec: PlanSpec,
@@ -285,8 +458,7 @@ def default_plan(model: HistoryLatencyModel | None, prompt_len: int, spec: PlanS
         return equal_time_plan(model, prompt_len, spec, history)
     if mode != "pipeline":
         raise ValueError(f"mode={mode!r} must be one of pipeline, equal_time, static")
-    cands = [pipeline_plan(model, prompt_len, spec, history),
-             equal_time_plan(model, prompt_len, spec, history),
+    cands = [pipeline_plan(model, prompt_len, spec, history),  # includes the equal-time plan
              static_plan(prompt_len, spec, history)]
     if spec.smooth_factor == 1 and _chunking_matters(model, prompt_len, spec, history):
         # Equal-time chunks are optimal for a fixed chunk count only when the work telescopes;
@@ -416,6 +588,14 @@ def lower_bound(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec, his
     lower-bounds the summed stage time of any K-chunk plan (exact when the model telescopes,
     as ``--cost`` does: L(K) = work + K*c)."""
     check_prompt(prompt_len, history, spec)
+    k, work = _bound_curve(model, prompt_len, spec, history)
+    return float(np.min(work * (1 + (spec.num_stages - 1) / k)))
+
+
+def _bound_curve(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
+                 history: int) -> tuple[np.ndarray, np.ndarray]:
+    """([K] chunk counts, [K] L(K)): the counts the limits allow and a lower bound on the
+    summed stage time of any plan with that many chunks (seconds)."""
     n, h0, m = float(prompt_len), float(history), model
     k_lo = -(-prompt_len // spec.max_num_batched_tokens)
     k_hi = max(k_lo, prompt_len // spec.floor + 1)
@@ -424,5 +604,4 @@ def lower_bound(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec, his
     quad = m.beta * ((h0 + n) ** 2 - h0 ** 2) / 2
     coef = m.alpha - m.beta / 2
     sum_sq = n * n / k if coef >= 0 else np.full_like(k, n * min(n, spec.max_num_batched_tokens))
-    total = quad + coef * sum_sq + m.gamma * n + m.delta * k * h0 + k * m.c
-    return float(np.min(total * (1 + (spec.num_stages - 1) / k)))
+    return k, quad + coef * sum_sq + m.gamma * n + m.delta * k * h0 + k * m.c

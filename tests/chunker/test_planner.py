@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -12,7 +14,7 @@ from conftest import LLAMA8B_P4, PREFIX_HEAVY
 from dcpp.chunker.latency_model import HistoryLatencyModel
 from dcpp.chunker.planner import (PlanSpec, default_plan, equal_time_plan, lower_bound,
                                   optimal_plan, pipeline_plan, plan_cost, rule_chunk,
-                                  static_plan)
+                                  rule_plan, static_plan)
 
 models = st.builds(
     HistoryLatencyModel,
@@ -156,3 +158,44 @@ def test_bad_plan_inputs():
         PlanSpec(max_num_batched_tokens=4096, max_model_len=1, smooth_factor=2)
     with pytest.raises(ValueError, match="num_stages=0"):
         PlanSpec(max_num_batched_tokens=4096, max_model_len=1, num_stages=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(model=models, spec=specs(), n=st.integers(1, 100_000), h0=st.integers(0, 50_000),
+       target_scale=st.floats(0.05, 20.0))
+def test_rule_pass_equals_the_rule_chunk_by_chunk(model, spec, n, h0, target_scale):
+    # The planners' one-loop pass (`rule_plan`) against `rule_chunk` called per chunk.
+    target = target_scale * float(model.predict_time(spec.max_num_batched_tokens, 0))
+    expect, h, rem = [], h0, n
+    while rem > 0:
+        c = rule_chunk(model, h, rem, target, spec)
+        expect.append(c)
+        h, rem = h + c, rem - c
+    assert rule_plan(model, n, spec, target, h0) == expect
+
+
+def test_pipeline_search_needs_few_rule_passes(monkeypatch):
+    # Planning cost is rule passes over the prompt; count them (not time them) for a
+    # 1M-token prompt and a 30k one under a telescoping step-cost model.
+    from dcpp.chunker import planner
+
+    passes = []
+    sweep = planner._Rule.sweep
+
+    def counted(self, *args, **kwargs):
+        out = sweep(self, *args, **kwargs)
+        passes.append(out[1])
+        return out
+
+    monkeypatch.setattr(planner._Rule, "sweep", counted)
+    model = HistoryLatencyModel(alpha=2e-9, beta=4e-9, gamma=2e-6, delta=0.0, c=2e-3)
+    spec = PlanSpec(max_num_batched_tokens=2048, max_model_len=1 << 20, num_stages=2,
+                    min_chunk=256)
+    for n, most in ((30_000, 20), ((1 << 20) - 1, 8)):
+        passes.clear()
+        plan = pipeline_plan(model, n, spec)
+        assert len(passes) <= most, (n, len(passes))
+        # ... and the plan is as good as a dense scan over the target time finds.
+        scan = min(plan_cost(model, rule_plan(model, n, spec, m), 2)
+                   for m in np.geomspace(2.1e-3, 0.2, 400 if n < 10**5 else 40))
+        assert plan_cost(model, plan, 2) <= scan * (1 + 1e-4)
