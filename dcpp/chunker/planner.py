@@ -349,7 +349,13 @@ class _TargetSearch:
         if self.runs[lo][0] <= k:
             return lo, self.runs[lo][0]
         side, streak = -1, 0
+        p1 = self.rule.p1
         while hi - lo > rtol * hi:
+            chunks, kappa = self.runs[hi][:2]
+            if chunks == k and p1 * (k - kappa) <= OBJ_RTOL * k * (k + p1):
+                # Close enough: with the last chunk this full, the boundary lies at most ~
+                # (1 - fill) / k below hi, worth < OBJ_RTOL of the objective ~ (k + p1) * m.
+                break
             gap = rtol * hi
             guess = math.sqrt(lo * hi) if lo > 0 else 0.5 * (lo + hi)
             f_lo, f_hi = self.runs[lo][1] - k, self.runs[hi][1] - k  # > 0, <= 0

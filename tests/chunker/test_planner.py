@@ -195,7 +195,8 @@ def test_pipeline_search_needs_few_rule_passes(monkeypatch):
         passes.clear()
         plan = pipeline_plan(model, n, spec)
         assert len(passes) <= most, (n, len(passes))
-        # ... and the plan is as good as a dense scan over the target time finds.
+        # ... and the plan is as good as a dense scan over the target time finds, up to the
+        # share of the objective the search may leave (a few OBJ_RTOL).
         scan = min(plan_cost(model, rule_plan(model, n, spec, m), 2)
                    for m in np.geomspace(2.1e-3, 0.2, 400 if n < 10**5 else 40))
-        assert plan_cost(model, plan, 2) <= scan * (1 + 1e-4)
+        assert plan_cost(model, plan, 2) <= scan * (1 + 3 * planner.OBJ_RTOL)
