@@ -166,6 +166,26 @@ def test_chunks_never_end_inside_an_encoder_input():
     assert s.size(ask("c", 3000, history=400, encoder_spans=((400, 800),))) == 800
 
 
+def test_a_fixed_chunk_size_takes_that_many_whatever_the_plan():
+    """`dcpp_chunk_size`: min(fixed, offered) every step, no plan, encoder spans still kept;
+    its time counts towards the step, so a dcpp prefill after it fits what is left."""
+    s, planner = sizer(chunk=512)
+    s.begin_step(4096)
+    assert s.size(ask("f", 3000, offered=2048, fixed=1000)) == 1000
+    assert planner.calls == []  # no plan for a fixed-size request
+    after = s.size(ask("p", 3000))
+    assert 128 <= after < 512  # the step's time is already t(1000): less than its own 512
+    s.begin_step(4096)
+    assert s.size(ask("f", 3000, history=1000, offered=600, fixed=1000)) == 600
+    s.begin_step(4096)
+    assert s.size(ask("g", 3000, fixed=450, encoder_spans=((400, 300),))) == 700  # whole
+    s.begin_step(4096)
+    assert s.size(ask("g", 3000, offered=600, fixed=450, encoder_spans=((400, 300),))) == 400
+    s.model = None  # no model yet: still the fixed size
+    s.begin_step(4096)
+    assert s.size(ask("h", 3000, fixed=256)) == 256
+
+
 def test_mamba_alignment_ends_chunks_on_block_boundaries():
     s, _ = sizer(chunk=500)
     s.begin_step(4096)

@@ -148,3 +148,23 @@ def test_a_scheduler_built_without_init_behaves_like_vllms():
 
     sched = object.__new__(DcppScheduler)  # as vLLM's own scheduler tests do
     assert sched.dcpp is None
+
+
+def test_a_fixed_chunk_size_request_takes_that_many_tokens(model_dir, tmp_path, monkeypatch,
+                                                           caplog):
+    """`dcpp_chunk_size` (the benchmark's fixed-chunk baseline inside one server): that many
+    tokens every step, the last one shorter; a bad value is ignored with a warning naming it."""
+    from dcpp.integration.vllm import offline
+
+    theirs, ours, ex = pair(model_dir, tmp_path, monkeypatch)
+    del theirs
+    ours.add_request(offline.make_request(5000, max_tokens=1, request_id="fixed",
+                                          chunk_size=768))
+    ours.add_request(offline.make_request(3000, max_tokens=1, request_id="bad",
+                                          chunk_size=0, arrival_time=1.0))
+    with caplog.at_level("WARNING"):
+        steps = run(ours, ex)
+    assert [s["fixed"] for s in steps if "fixed" in s] == [768] * 6 + [392]
+    assert "dcpp_chunk_size=0 on request bad is not an int >= 1" in caplog.text
+    assert caplog.text.count("dcpp_chunk_size=0") == 1  # once per request, not per step
+    assert sum(s["bad"] for s in steps if "bad" in s) == 3000

@@ -68,6 +68,9 @@ class Ask:
     block_align: int = 1
     """Non-final chunks end at multiples of this position (vLLM's Mamba block-aligned split);
     1: none."""
+    fixed: int | None = None
+    """A fixed chunk size the request asked for (`dcpp_chunk_size`): it takes min(fixed,
+    offered) tokens every step, whatever the mode and model."""
 
 
 class _Step:
@@ -114,6 +117,13 @@ class ChunkSizer:
         offered = ask.offered
         remaining = ask.total - ask.history
         step, model = self._step, self.model
+        if step is not None and ask.fixed is not None and offered > 1:
+            want = self._respect_boundaries(ask, max(1, min(ask.fixed, offered)))
+            if model is not None:
+                step.batch_s += float(model.predict_time(want, ask.history)) - (
+                    model.c if step.batch_s else 0.0)
+            step.prefill_room -= want
+            return want
         if (step is None or model is None or offered <= 1 or remaining <= 1
                 or ask.mode == PLAN_OFF):
             return offered

@@ -135,14 +135,16 @@ _ids = itertools.count()
 
 def make_request(prompt_len: int, *, max_tokens: int = 4, priority: int = 0,
                  plan: str | None = None, arrival_time: float | None = None,
-                 seed: int = 0, request_id: str | None = None) -> Any:
+                 seed: int = 0, request_id: str | None = None,
+                 chunk_size: Any = None) -> Any:
     import random
 
     from vllm import SamplingParams
     from vllm.v1.request import Request
 
     rng = random.Random(seed)
-    extra = {"dcpp_plan": plan} if plan is not None else None
+    extra = {k: v for k, v in (("dcpp_plan", plan), ("dcpp_chunk_size", chunk_size))
+             if v is not None} or None
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, extra_args=extra)
     return Request(request_id=request_id or f"req-{next(_ids)}",
                    prompt_token_ids=[rng.randrange(1, 500) for _ in range(prompt_len)],

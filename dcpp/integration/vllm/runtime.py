@@ -63,6 +63,7 @@ class DcppRuntime:
         self.chunk_log: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
         """Executed prefill chunk sizes per request (most recent requests)."""
         self._prefills: collections.OrderedDict[str, _Prefill] = collections.OrderedDict()
+        self._bad_chunk_sizes: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self.last_output_t: float | None = None
         self.interval_errors: collections.deque[float] = collections.deque(
             maxlen=int(cfg.calibration_window))
@@ -189,6 +190,21 @@ class DcppRuntime:
             return self.cfg.plan_mode
         return override
 
+    def fixed_chunk_for(self, request: Any) -> int | None:
+        """The request's `dcpp_chunk_size` (fixed chunks of that many tokens), or None."""
+        value = vllm_compat.request_chunk_size_override(request)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if request.request_id not in self._bad_chunk_sizes:  # warn once per request
+                self._bad_chunk_sizes[request.request_id] = value
+                _trim(self._bad_chunk_sizes)
+                logger.warning("dcpp: dcpp_chunk_size=%r on request %s is not an int >= 1; "
+                               "ignored (fix: pass a positive token count, e.g. 2048)",
+                               value, request.request_id)
+            return None
+        return value
+
     def begin_step(self, scheduler: Any) -> None:
         if self.sizer is not None:
             self.sizer.begin_step(vllm_compat.step_token_budget(scheduler)
@@ -208,7 +224,8 @@ class DcppRuntime:
             total=vllm_compat.request_num_tokens(request), history=int(history),
             offered=int(offered),
             encoder_spans=vllm_compat.unsplittable_encoder_spans(scheduler, request),
-            block_align=vllm_compat.mamba_block_align(scheduler)))
+            block_align=vllm_compat.mamba_block_align(scheduler),
+            fixed=self.fixed_chunk_for(request)))
 
     def end_step(self, scheduler: Any, out: Any) -> None:
         """The step vLLM scheduled: advance plans, log chunks, put it in the ledger."""

@@ -277,6 +277,14 @@ def scheduled_requests(scheduler: Any,
 # --------------------------------------------------------------------------- request fields
 
 
+def request_chunk_size_override(request: Any) -> Any:
+    """Per-request fixed chunk size from `SamplingParams(extra_args={"dcpp_chunk_size": N})`
+    (unchecked: the runtime validates it)."""
+    params = getattr(request, "sampling_params", None)
+    extra = getattr(params, "extra_args", None) if params is not None else None
+    return extra.get("dcpp_chunk_size") if isinstance(extra, dict) else None
+
+
 def request_plan_override(request: Any) -> str | None:
     """Per-request plan override from `SamplingParams(extra_args={"dcpp_plan": ...})`."""
     params = getattr(request, "sampling_params", None)
