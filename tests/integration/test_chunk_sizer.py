@@ -203,3 +203,58 @@ def test_never_zero_never_above_offered(offered):
     s.size(ask("first", 50_000, history=40_000))
     got = s.size(ask("x", 50_000, offered=offered))
     assert 1 <= got <= offered and got >= min(offered, 1024)
+
+
+def test_a_pipeline_request_stands_aside_while_other_work_covers_its_drain():
+    """With P stages a prefill's last chunk keeps stages 1..P-1 busy for (P-1) x its time
+    after stage 0 is done; other pending prefill work at least that long keeps stage 0 busy,
+    so the request takes vLLM's chunk (no plan). Hand oracle on the model's times."""
+    for p in (2, 4):
+        s = ChunkSizer(CountingPlanner(512), floor=128, align=64, num_stages=p)
+        s.model = MODEL
+        last = 2048  # the request's last chunk at vLLM's size, ending at 6000
+        drain = (p - 1) * MODEL.predict_time(last, 6000 - last)
+        # Another prompt of n tokens from history 0 is predict_time(n, 0) seconds of work:
+        # the smallest n that covers the drain, found by scanning.
+        n_cover = next(n for n in range(1, 100_000) if MODEL.predict_time(n, 0) >= drain)
+        for other, stands_aside in ((n_cover, True), (n_cover - 1, False)):
+            pending = [("a", 6000, 0), ("b", other, 0)]
+            s.begin_step(8192, lambda pending=pending: pending)
+            got = s.size(ask("a", 6000, offered=2048))
+            assert (got == 2048) is stands_aside, (p, other, got)
+            assert ("a" in s.plans) is not stands_aside
+            s.forget(None)
+
+
+def test_equal_time_and_single_stage_never_stand_aside():
+    s, planner = sizer()
+    pending = [("a", 6000, 0), ("b", 50_000, 0)]  # plenty of other work
+    s.begin_step(8192, lambda: pending)
+    assert s.size(ask("a", 6000, offered=2048, mode="equal_time")) == 512
+    assert s.num_stood_aside == 0  # `sizer()` builds a 1-stage sizer: no drain to cover
+    s.begin_step(8192, lambda: pending)
+    assert s.size(ask("c", 6000, offered=2048)) == 512
+    s4 = ChunkSizer(planner, floor=128, align=64, num_stages=4)
+    s4.model = MODEL
+    s4.begin_step(8192, lambda: pending)
+    assert s4.size(ask("a", 6000, offered=2048, mode="equal_time")) == 512
+    assert s4.size(ask("d", 6000, offered=2048)) == 2048 and s4.num_stood_aside == 1
+
+
+def test_pending_work_is_read_once_per_step_and_only_when_asked():
+    s = ChunkSizer(CountingPlanner(512), floor=128, align=64, num_stages=2)
+    s.model = MODEL
+    calls = []
+
+    def pending():
+        calls.append(1)
+        return [("a", 6000, 0)]
+
+    s.begin_step(8192, pending)
+    s.size(ask("x", 10))  # a request within the floor: no decision needed... but asked once
+    s.size(ask("a", 6000, offered=2048))
+    s.size(ask("y", 6000, offered=2048))
+    assert len(calls) <= 1
+    s.begin_step(8192, pending)
+    s.size(ask("a", 6000, offered=2048, mode=PLAN_OFF))
+    assert len(calls) <= 1  # "off" requests never read the queues

@@ -193,6 +193,8 @@ def test_forget_drops_plans_and_prefill_timers(tmp_path, monkeypatch):
     """What the scheduler calls for aborted requests (vLLM's finish_requests; None: all)."""
     rt = runtime(tmp_path, monkeypatch)
     reqs = [req("a", 6000), req("b", 5000), req("c", 4000)]
+    for r in reqs:  # equal-time requests are planned even beside other prefills
+        r.sampling_params = NS(extra_args={"dcpp_plan": "equal_time"})
     s = sched(reqs, budget=3 * BUDGET)
     s.requests = {r.request_id: r for r in reqs}
     rt.begin_step(s)

@@ -129,11 +129,15 @@ def test_start_order_is_vllms(model_dir, tmp_path, monkeypatch, policy):
 
 
 def test_a_trimmed_chunk_is_not_replanned(model_dir, tmp_path, monkeypatch):
-    """Two long prompts share steps, so their planned chunks are cut every step; each is
-    planned once."""
+    """Two long equal-time prompts (planned even beside each other) share steps, so their
+    planned chunks are cut every step; each is planned once."""
+    from dcpp.integration.vllm import offline
+
     theirs, ours, ex = pair(model_dir, tmp_path, monkeypatch)
     del theirs
-    add(ours, [("a", 20_000, 0), ("b", 16_000, 0)])
+    for i, (rid, n) in enumerate((("a", 20_000), ("b", 16_000))):
+        ours.add_request(offline.make_request(n, seed=i, request_id=rid, arrival_time=float(i),
+                                              max_tokens=1, plan="equal_time"))
     steps = run(ours, ex)
     assert any(len(s) == 2 and min(s.values()) > 1 for s in steps)  # shared prefill steps
     assert ours.dcpp.sizer.num_plans == 2
@@ -168,3 +172,23 @@ def test_a_fixed_chunk_size_request_takes_that_many_tokens(model_dir, tmp_path, 
     assert "dcpp_chunk_size=0 on request bad is not an int >= 1" in caplog.text
     assert caplog.text.count("dcpp_chunk_size=0") == 1  # once per request, not per step
     assert sum(s["bad"] for s in steps if "bad" in s) == 3000
+
+
+def test_two_long_prompts_take_vllms_chunks_until_one_would_drain_the_pipeline(
+        model_dir, tmp_path, monkeypatch):
+    """While the other prompt's pending work covers a prompt's drain, dcpp stands aside:
+    vLLM's chunks, no plan (vLLM runs "a" first, "b" waits). Only "b", left alone at the end,
+    is planned, once, and its chunks are dcpp's, not vLLM's budget-sized ones."""
+    theirs, ours, ex = pair(model_dir, tmp_path, monkeypatch)
+    specs = [("a", 20_000, 0), ("b", 12_000, 0)]
+    add(theirs, specs)
+    add(ours, specs)
+    a, b = run(theirs), run(ours, ex)
+    a_end = max(i for i, s in enumerate(b) if s.get("a", 0) > 1)
+    assert all(a[i] == b[i] for i in range(a_end + 1))  # vLLM's steps exactly, "a" done
+    assert ours.dcpp.sizer.num_stood_aside >= a_end + 1
+    assert ours.dcpp.sizer.num_plans == 1 and "a" not in ours.dcpp.plan_log
+    start, log = ours.dcpp.plan_log["b"]
+    ran = [s["b"] for s in b if s.get("b", 0) > 1]
+    assert sum(log) == 12_000 - start and ran[-len(log):] == log
+    assert min(log) < BUDGET and ran != [x["b"] for x in a if x.get("b", 0) > 1]

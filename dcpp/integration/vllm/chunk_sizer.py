@@ -10,13 +10,22 @@ Several prefills in one step share a time budget: the step may take as long as t
 planned chunk among its prefills (each plan's chunk for this step, at its history); a prefill
 sized after others gets the largest chunk that keeps the step's predicted time within that
 (closed form), but at least `min(remaining, floor)` tokens.
+
+Under load dcpp stands aside. Smaller chunks pay off only in the pipeline's fill and drain:
+when a prefill's last chunk leaves stage 0, the other P-1 stages still work on it for
+(P-1) x its stage time, and stage 0 idles unless other prefill work is queued. So a "pipeline"
+request takes vLLM's own chunk whenever the other requests' pending prefill work (running
+prefills' rest and waiting prompts, in model seconds) covers that drain,
+``other >= (P-1) * t(last chunk)``; it is planned (once) only when it would otherwise drain
+the pipeline. Decodes are not counted (their steps barely fill a stage). "equal_time" requests
+never stand aside (vllm-ascend's rule, kept as it is for comparison).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Protocol
 
 from dcpp.config import PLAN_MODES  # noqa: F401 - the modes a request may pick, re-exported
 
@@ -73,21 +82,46 @@ class Ask:
     offered) tokens every step, whatever the mode and model."""
 
 
-class _Step:
-    __slots__ = ("prefill_room", "target_s", "batch_s")
+#: Pending prefills of the engine: (request id, tokens left to prefill, history) each.
+Pending = Callable[[], Iterable[tuple[str, int, int]]]
 
-    def __init__(self, prefill_room: int) -> None:
+#: The mode that stands aside under load (see the module docstring).
+LOAD_AWARE_MODE = "pipeline"
+
+
+class _Step:
+    __slots__ = ("prefill_room", "target_s", "batch_s", "pending", "_work")
+
+    def __init__(self, prefill_room: int, pending: Pending | None) -> None:
         self.prefill_room = prefill_room
         self.target_s: float | None = None
         self.batch_s = 0.0
         """Predicted seconds of the prefills granted so far (the fixed cost counted once)."""
+        self.pending = pending
+        self._work: tuple[float, dict[str, float]] | None = None
+
+    def pending_work(self, model: "LatencyModel") -> tuple[float, dict[str, float]]:
+        """(total, per request) predicted seconds of the engine's pending prefill work, read
+        once per step and only if a request asks."""
+        if self._work is None:
+            per: dict[str, float] = {}
+            for rid, left, history in (self.pending() if self.pending is not None else ()):
+                if left > 0:
+                    per[rid] = float(model.predict_time(left, history))
+            self._work = (sum(per.values()), per)
+        return self._work
 
 
 class ChunkSizer:
     """Plans per request and the step budget for one engine (one model, budget, floor)."""
 
-    def __init__(self, planner: Planner, *, floor: int, align: int) -> None:
+    def __init__(self, planner: Planner, *, floor: int, align: int,
+                 num_stages: int = 1) -> None:
         self._planner = planner
+        self.num_stages = int(num_stages)
+        """Pipeline stages P; with P = 1 there is no drain and dcpp never stands aside."""
+        self.num_stood_aside = 0
+        """Chunks a "pipeline" request took at vLLM's size because other work fed the pipeline."""
         self.floor = int(floor)
         """Smallest chunk dcpp sizes a non-final chunk to (min_chunk aligned, <= budget)."""
         self.align = int(align)
@@ -101,9 +135,10 @@ class ChunkSizer:
         self._step: _Step | None = None
 
     # ------------------------------------------------------------------ step
-    def begin_step(self, prefill_room: int) -> None:
-        """A new step whose prefills may take `prefill_room` tokens (budget minus decodes)."""
-        self._step = _Step(max(0, int(prefill_room)))
+    def begin_step(self, prefill_room: int, pending: Pending | None = None) -> None:
+        """A new step whose prefills may take `prefill_room` tokens (budget minus decodes);
+        `pending` lists the engine's prefills still to run (called at most once, lazily)."""
+        self._step = _Step(max(0, int(prefill_room)), pending)
 
     def end_step(self) -> None:
         self._step = None
@@ -127,6 +162,12 @@ class ChunkSizer:
         if (step is None or model is None or offered <= 1 or remaining <= 1
                 or ask.mode == PLAN_OFF):
             return offered
+        if ask.mode == LOAD_AWARE_MODE and self.pipeline_fed(ask, model):
+            self.num_stood_aside += 1
+            step.batch_s += float(model.predict_time(offered, ask.history)) - (
+                model.c if step.batch_s else 0.0)
+            step.prefill_room -= offered
+            return offered
         plan = self._plan_for(ask)
         want = min(plan.chunks[0], offered, max(step.prefill_room, 1))
         own_s = float(model.predict_time(plan.chunks[0], ask.history))
@@ -142,6 +183,16 @@ class ChunkSizer:
             model.c if step.batch_s else 0.0)
         step.prefill_room -= want
         return want
+
+    def pipeline_fed(self, ask: Ask, model: LatencyModel) -> bool:
+        """Whether other pending prefill work covers the drain after this request's last
+        chunk at vLLM's size: ``other >= (P-1) * t(last, total - last)`` (seconds)."""
+        if self.num_stages <= 1 or self._step is None:
+            return False
+        last = min(ask.total - ask.history, ask.offered)
+        drain = (self.num_stages - 1) * float(model.predict_time(last, ask.total - last))
+        total, per = self._step.pending_work(model)
+        return total - per.get(ask.request_id, 0.0) >= drain
 
     @staticmethod
     def _respect_boundaries(ask: Ask, want: int) -> int:

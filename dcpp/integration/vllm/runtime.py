@@ -158,7 +158,7 @@ class DcppRuntime:
                 num_stages=self.num_stages)
         spec = self.predictors[PLAN_MODES[0]].spec
         self.sizer = ChunkSizer(lambda mode, n, h: self.predictors[mode].plan(n, history=h),
-                                floor=spec.floor, align=spec.align)
+                                floor=spec.floor, align=spec.align, num_stages=self.num_stages)
         self.sizer.model = self.model
 
     def set_model(self, model: Any) -> None:
@@ -208,7 +208,8 @@ class DcppRuntime:
     def begin_step(self, scheduler: Any) -> None:
         if self.sizer is not None:
             self.sizer.begin_step(vllm_compat.step_token_budget(scheduler)
-                                  - vllm_compat.decode_tokens(scheduler))
+                                  - vllm_compat.decode_tokens(scheduler),
+                                  lambda: vllm_compat.pending_prefills(scheduler))
 
     def abort_step(self) -> None:
         if self.sizer is not None:

@@ -239,6 +239,19 @@ def request_num_tokens(request: Any) -> int:
     return int(request.num_tokens)
 
 
+def pending_prefills(scheduler: Any) -> list[tuple[str, int, int]]:
+    """(request id, tokens left to prefill, history) of every request still prefilling:
+    running ones before their last known token, and the waiting queue (history as computed so
+    far: a waiting request's prefix-cache hit is not known before vLLM schedules it)."""
+    out = []
+    for queue in (getattr(scheduler, "running", ()), getattr(scheduler, "waiting", ())):
+        for req in queue:
+            total, done = int(req.num_tokens), int(req.num_computed_tokens)
+            if done < total - 1:
+                out.append((req.request_id, total - done, done))
+    return out
+
+
 def unsplittable_encoder_spans(scheduler: Any, request: Any) -> tuple[tuple[int, int], ...]:
     """(offset, length) of the request's encoder inputs when vLLM must not split one over two
     chunks (`scheduler_config.disable_chunked_mm_input`); () otherwise."""
