@@ -42,6 +42,7 @@ os.environ.setdefault("DCPP_PROFILE_REPEATS", "3")
 # EngineCore in this process, so the benchmark can read dcpp's scheduler state.
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
+from bench_stats import paired_ci  # noqa: E402  (benchmarks/, beside this script)
 from dcpp.chunker.calibration import repeat_noise  # noqa: E402
 from dcpp.integration.vllm import harness  # noqa: E402
 
@@ -95,20 +96,6 @@ def model_ratios(rt, prompt_len, ttft):
     best = optimal_plan(rt.model, prompt_len, spec, max_points=256, rel_tol=1e-3)
     out["dp_optimum"] = plan_cost(rt.model, best, spec.num_stages) / ttft["off"]
     return out
-
-
-def paired_ci(values, static, level=0.90):
-    """Bootstrap interval (percentile, over rounds) of the median per-round ratio
-    values[i] / static[i]: how far the headline could move with other rounds of this noise."""
-    import numpy as np
-    from scipy.stats import bootstrap
-
-    ratios = np.asarray(values) / np.asarray(static)
-    if len(ratios) < 3:
-        return (float("nan"), float("nan"))
-    ci = bootstrap((ratios,), np.median, confidence_level=level, method="percentile",
-                   n_resamples=2000, random_state=0).confidence_interval
-    return (float(ci.low), float(ci.high))
 
 
 def main(argv=None) -> int:
