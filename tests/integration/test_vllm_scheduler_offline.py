@@ -1,7 +1,9 @@
 """dcpp's scheduler against vLLM's own, side by side, with no model (as vLLM's scheduler tests
 do): the same request stream, fake model outputs, synthetic per-stage timings. dcpp may change
 chunk sizes only: the steps a burst takes and the order requests start in (FCFS and priority)
-match vLLM's; no request starts later than with vLLM."""
+match vLLM's; no request starts later than with vLLM. Runs against vLLM 0.32 (the CPU build) and
+0.33 (its pure-Python scheduler, `make test-vllm033`), whose deferred-waiting queue lets later
+requests overtake one the per-request hook refuses."""
 
 from __future__ import annotations
 
@@ -26,21 +28,23 @@ def model_dir(tmp_path_factory):
                       max_len=MAX_LEN)
 
 
-def pair(model_dir, tmp_path, monkeypatch, policy="fcfs", min_chunk=256, **kw):
+def pair(model_dir, tmp_path, monkeypatch, policy="fcfs", min_chunk=256, wrap=None, **kw):
     # A fresh profile cache per test: min_chunk is part of the profile's key.
-    """(vLLM's scheduler, dcpp's scheduler, dcpp's synthetic executor)."""
+    """(vLLM's scheduler, dcpp's scheduler, dcpp's synthetic executor); `wrap(cls)` makes
+    the class each is built from."""
     from vllm.v1.core.sched.scheduler import Scheduler
 
     from dcpp.integration.vllm import offline
     from dcpp.integration.vllm.scheduler import DcppScheduler
 
+    wrap = wrap or (lambda cls: cls)
     monkeypatch.setenv("DCPP_CACHE_DIR", str(tmp_path))
     ex = offline.SyntheticExecutor()
     common = dict(budget=BUDGET, max_model_len=MAX_LEN, policy=policy, **kw)
-    ours = offline.build_scheduler(DcppScheduler, model_dir, executor=ex,
+    ours = offline.build_scheduler(wrap(DcppScheduler), model_dir, executor=ex,
                                    dcpp={"enabled": True, "min_chunk": min_chunk}, **common)
     assert ours.dcpp is not None and ours.dcpp.model is not None  # really sizing chunks
-    theirs = offline.build_scheduler(Scheduler, model_dir, **common)
+    theirs = offline.build_scheduler(wrap(Scheduler), model_dir, **common)
     return theirs, ours, ex
 
 
@@ -126,6 +130,96 @@ def test_start_order_is_vllms(model_dir, tmp_path, monkeypatch, policy):
     add(ours, specs)
     a, b = run(theirs), run(ours, ex)
     assert order(a) == order(b)
+
+
+# Multi-module MTP's rule in vLLM's per-request hook (`num_prefill_lookahead`): a chunk may not
+# end within that many tokens of the prompt's end, so a short prompt offered less than all of
+# it is refused (0). vLLM 0.32 then stops admitting waiting requests; 0.33 defers the refused
+# one (`deferred_waiting`) and admits the ones behind it. Set here without a drafter.
+LOOKAHEAD = 48
+
+
+def defers_refused_waiting():
+    """vLLM 0.33 and later requeue a refused waiting request; 0.32 stops the waiting loop."""
+    from packaging.version import Version
+
+    from dcpp.integration.vllm.vllm_compat import vllm_version
+
+    return Version(vllm_version()).release[:2] >= (0, 33)
+
+
+def lookahead_recording(cls):
+    """`cls` with multi-module MTP's lookahead, recording every hook call beside vLLM's own
+    rule at that state: (request id, tokens offered, answer, vLLM's answer, waiting?)."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    class Recording(cls):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.num_prefill_lookahead = LOOKAHEAD
+            self.calls = []
+            self.deferred = set()  # ids ever in 0.33's deferred_waiting
+
+        def _reserve_prefill_lookahead(self, request, num_computed_tokens, num_new_tokens):
+            got = super()._reserve_prefill_lookahead(request, num_computed_tokens,
+                                                     num_new_tokens)
+            own = Scheduler._reserve_prefill_lookahead(self, request, num_computed_tokens,
+                                                       num_new_tokens)
+            waiting = request not in self.running
+            self.calls.append((request.request_id, num_new_tokens, got, own, waiting))
+            return got
+
+        def schedule(self, *args, **kwargs):
+            out = super().schedule(*args, **kwargs)
+            self.deferred |= {r.request_id for r in getattr(self, "deferred_waiting", ())}
+            return out
+
+    return Recording
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_a_request_is_refused_only_where_vllms_rule_refuses_it(model_dir, tmp_path,
+                                                              monkeypatch, policy):
+    """dcpp's chunk is never 0: its hook answers 0 exactly where vLLM's own rule does at the
+    same state, so it defers (0.33) or stops admission (0.32) only where vLLM would. Short
+    prompts beside dcpp's smaller chunks of a long one start no later than with vLLM."""
+    theirs, ours, ex = pair(model_dir, tmp_path, monkeypatch, policy=policy,
+                            wrap=lookahead_recording)
+    specs = [("long", 12_000, 0)] + [(f"s{i}", 30 + 7 * (i % 5), i % 3) for i in range(40)]
+    add(theirs, specs)
+    add(ours, specs)
+    a, b = run(theirs), run(ours, ex)
+    for call in ours.calls:
+        _, offered, got, own, _ = call
+        assert (got == 0) == (own == 0) and got <= own <= max(offered, 0), call
+    refused = [c for c in ours.calls if c[2] == 0 < c[1] and c[4]]
+    assert refused and any(c[2] == 0 < c[1] and c[4] for c in theirs.calls)  # the rule acted
+    if defers_refused_waiting():  # vLLM 0.33: deferred, later requests went on
+        assert {c[0] for c in refused} <= ours.deferred
+    fa, fb = first_steps(a), first_steps(b)
+    assert all(fb[r] <= fa[r] for r in fa) and any(fb[r] < fa[r] for r in fa)
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_refused_requests_are_deferred_as_with_vllm(model_dir, tmp_path, monkeypatch, policy):
+    """Prompts dcpp never splits (up to min_chunk): the same steps as vLLM's, refusals and
+    vLLM 0.33's deferred-waiting order included (0.32 stops admission at the refusal)."""
+    theirs, ours, ex = pair(model_dir, tmp_path, monkeypatch, policy=policy, min_chunk=4096,
+                            wrap=lookahead_recording)
+    specs = [("a", 2040, 0), ("b", 40, 0), ("c", 5, 1), ("d", 1500, 0), ("e", 30, 2),
+             ("f", 600, 0), ("g", 45, 1)]
+    add(theirs, specs)
+    add(ours, specs)
+    a, b = run(theirs), run(ours, ex)
+    assert a == b
+    assert ("b", 8, 0, 0, True) in ours.calls  # "a" left 8 tokens: "b" (40) is refused
+    first = first_steps(b)
+    if defers_refused_waiting():  # 0.33: later requests overtake "b"
+        assert ours.deferred == theirs.deferred == {"b"}
+        assert first["d"] == 0 < first["b"]
+    else:  # 0.32: nothing behind "b" starts in that step
+        assert not ours.deferred and not theirs.deferred
+        assert first["b"] == first["d"] == 1
 
 
 def test_a_trimmed_chunk_is_not_replanned(model_dir, tmp_path, monkeypatch):

@@ -100,8 +100,8 @@ def build_scheduler(cls: type, model_dir: str, *, budget: int, max_model_len: in
                     executor: Any | None = None) -> Any:
     """A `cls` scheduler (vLLM's or dcpp's) over a synthetic KV cache of `num_blocks`."""
     import torch
-    from vllm.config import (CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig,
-                             VllmConfig)
+    from vllm.config import (CacheConfig, DeviceConfig, ModelConfig, ParallelConfig,
+                             SchedulerConfig, VllmConfig)
     from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig,
                                             KVCacheGroupSpec)
     from vllm.v1.structured_output import StructuredOutputManager
@@ -116,9 +116,11 @@ def build_scheduler(cls: type, model_dir: str, *, budget: int, max_model_len: in
     parallel_config = ParallelConfig(pipeline_parallel_size=pipeline_parallel_size,
                                      distributed_executor_backend="mp")
     extra = {"profiling_chunk_config": dcpp} if dcpp is not None else {}
+    # No model runs: "cpu" spares the platform lookup, which finds no platform for a CUDA
+    # wheel on a machine without a GPU (the 0.33 scheduler-only venv).
     vllm_config = VllmConfig(model_config=model_config, scheduler_config=scheduler_config,
                              cache_config=cache_config, parallel_config=parallel_config,
-                             additional_config=extra)
+                             device_config=DeviceConfig(device="cpu"), additional_config=extra)
     cache_config.num_gpu_blocks = num_blocks
     kv_cache_config = KVCacheConfig(
         num_blocks=num_blocks, kv_cache_tensors=[],
