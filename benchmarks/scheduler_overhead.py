@@ -4,7 +4,8 @@ vLLM's own `Scheduler` and dcpp's `DcppScheduler` get the same request stream (C
 kept in flight, plus decoding chat requests), fake model outputs and, for dcpp, synthetic
 per-stage timings from `offline.SyntheticExecutor` (profiling and calibration run as in an
 engine). Reports per concurrency the per-call time of `schedule()` and of
-`update_from_output()` for both (median, p99) and dcpp's addition at p99, the steps the
+`update_from_output()` for both (median, p99; the two run in lockstep, one step each in turn,
+so machine noise hits both alike) and dcpp's addition at p99, the steps the
 workers timed (and synchronised on) out of all steps, and the time to plan one 1M-token
 prompt from scratch.
 
@@ -29,7 +30,8 @@ LONG = 32_768
 DECODES = 16
 
 
-def drive(cls, model_dir, concurrency: int, steps: int, seed: int, dcpp: dict | None) -> dict:
+def drive(cls, model_dir, concurrency: int, steps: int, seed: int, dcpp: dict | None):
+    """A generator: one scheduler step per `next()`; its return value is the report."""
     from dcpp.integration.vllm import offline
 
     ex = offline.SyntheticExecutor() if dcpp is not None else None
@@ -66,12 +68,30 @@ def drive(cls, model_dir, concurrency: int, steps: int, seed: int, dcpp: dict | 
         longs = sum(1 for rid in sched.requests if rid.startswith("long-"))
         for _ in range(concurrency - longs):
             add_long()
+        yield
     res = {"schedule_s": t_sched, "update_s": t_update, "long_prompts_done": n - concurrency}
     if ex is not None:
         res["steps_run"], res["steps_timed"] = ex.steps_run, ex.steps_timed
         res["planner_calls"] = sched.dcpp.sizer.num_plans
     sched.shutdown()
     return res
+
+
+def lockstep(*runs) -> list[dict]:
+    """Step the drives alternately (the order flips every step), so that both schedulers see
+    the same machine noise (a shared CPU's p99 moves by milliseconds between runs)."""
+    results: list = [None] * len(runs)
+    live = list(range(len(runs)))
+    flip = False
+    while live:
+        for i in (reversed(live) if flip else list(live)):
+            try:
+                next(runs[i])
+            except StopIteration as stop:
+                results[i] = stop.value
+                live.remove(i)
+        flip = not flip
+    return results
 
 
 def pct(xs, q):
@@ -121,8 +141,8 @@ def main(argv=None) -> int:
     print(f"{'C':>3} {'vLLM sched p50/p99':>19} {'dcpp sched p50/p99':>19} {'added p99':>9} "
           f"{'vLLM upd p99':>12} {'dcpp upd p99':>12} {'timed/all':>10} {'plans':>5}")
     for c in args.concurrency:
-        theirs = drive(Scheduler, model_dir, c, args.steps, seed=c, dcpp=None)
-        ours = drive(DcppScheduler, model_dir, c, args.steps, seed=c, dcpp=dcpp)
+        theirs, ours = lockstep(drive(Scheduler, model_dir, c, args.steps, seed=c, dcpp=None),
+                                drive(DcppScheduler, model_dir, c, args.steps, seed=c, dcpp=dcpp))
         row = {
             "vllm_schedule_ms": [pct(theirs["schedule_s"], 50), pct(theirs["schedule_s"], 99)],
             "dcpp_schedule_ms": [pct(ours["schedule_s"], 50), pct(ours["schedule_s"], 99)],
