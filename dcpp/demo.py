@@ -4,9 +4,12 @@
 2. Starts vLLM without ``profiling_chunk_config`` (static chunks), times the prompt's TTFT.
 3. Starts vLLM with ``{"profiling_chunk_config": {"enabled": true, ...}}``: start-up profiling,
    dynamic chunks, online calibration; times the same prompt.
-4. Prints TTFT static vs dynamic, each chunk sequence, predicted vs measured chunk latency, and
-   whether the greedy outputs match; draws the pipeline timeline of both plans (simulated with
-   the calibrated latency model) as PNG and SVG.
+4. Prints TTFT static vs dynamic, each chunk sequence, predicted vs measured chunk latency, the
+   measured pipeline bubbles per mode (`dcpp.chunker.bubbles`: stage idle share during the
+   prefill, from the workers' step start/end times) beside the simulated ones, and whether the
+   greedy outputs match; draws the pipeline timeline of both plans as PNG and SVG: simulated
+   with the calibrated latency model (left) and measured on the workers for the last request of
+   each mode (right).
 
 Two engines on a shared 2-core machine differ by up to ~20% on their own (DESIGN.md §3), so the
 dcpp engine also runs the prompt with vLLM's static chunks (``dcpp_plan: "off"``) interleaved
@@ -30,6 +33,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The tiny model's passes take milliseconds: time each profiling sample 3 times (fastest
 # counts) so a noisy neighbour on a shared 2-core machine does not spoil the fit.
 os.environ.setdefault("DCPP_PROFILE_REPEATS", "3")
+# Time every step around every prefill, so that each request's bubbles are measured (on CPU a
+# stage's compute is synchronous: timing costs nothing).
+os.environ.setdefault("DCPP_BUBBLE_SAMPLE_EVERY", "1")
 
 
 def parse_args(argv):
@@ -112,13 +118,19 @@ def main(argv=None) -> int:
             return 1
         harness.timed_generate(llm, tokens)  # warm-up, and first calibration steps
         harness.timed_generate(llm, tokens, plan="off")
-        dyn_runs, off_runs, rid = [], [], None
+        dyn_runs, off_runs, rid, off_rid = [], [], None, None
+        dyn_ids, off_ids = [], []
         for _ in range(args.rounds):  # interleaved; the dynamic run last
-            off_runs.append(harness.timed_generate(llm, tokens, plan="off")[0])
+            secs, _, off_rid = harness.timed_generate(llm, tokens, plan="off")
+            off_runs.append(secs)
+            off_ids.append(off_rid)
             secs, _, rid = harness.timed_generate(llm, tokens)
             dyn_runs.append(secs)
+            dyn_ids.append(rid)
         dyn_chunks = harness.chunks_of(rt, rid)
         steps = last_run_steps(rt, dyn_chunks)
+        measured = {"static": measured_bubbles(rt, off_ids),
+                    "dynamic": measured_bubbles(rt, dyn_ids)}
         dyn_out = harness.timed_generate(llm, tokens, max_tokens=8)[1]
         stage_model = getattr(rt, "compute_model", None) or rt.model
         fit_source, passes = rt.profile_source, rt.num_profile_passes
@@ -129,10 +141,42 @@ def main(argv=None) -> int:
     static_chunks = harness.static_chunks(args.prompt_len, args.budget)
     report(args, static_runs, dyn_runs, off_runs, static_chunks, dyn_chunks, steps,
            static_out == dyn_out, fit_source, passes, err)
-    paths = draw(args, out, stage_model, static_chunks, dyn_chunks)
-    print(f"\ntimeline (simulated with the calibrated stage model): "
-          f"{', '.join(map(str, paths))}")
+    report_bubbles(stage_model, static_chunks, dyn_chunks, measured)
+    paths = draw(args, out, stage_model, static_chunks, dyn_chunks,
+                 {mode: runs[-1] for mode, runs in measured.items() if runs and runs[-1]})
+    print(f"\ntimeline (left: simulated with the calibrated stage model; right: measured on the "
+          f"workers, last request per mode): {', '.join(map(str, paths))}")
     return 0 if static_out == dyn_out else 1
+
+
+def measured_bubbles(rt, request_ids: list[str]) -> list:
+    """The measured `PrefillBubble` of each request (None where it was not measured)."""
+    results = list(rt.timing.bubbles.results)
+    found = []
+    for rid in request_ids:  # vLLM appends a suffix to request ids internally
+        got = [r for r in results
+               if r.request_id == rid or r.request_id.rsplit("-", 1)[0] == rid]
+        found.append(got[-1] if got else None)
+    return found
+
+
+def report_bubbles(stage_model, static_chunks, dyn_chunks, measured) -> None:
+    from dcpp.chunker.simulate import simulate
+
+    print("\npipeline bubbles (share of stage-time idle during the prefill, mean of stages):")
+    print(f"{'':10}{'simulated':>11}{'measured last':>15}{'measured mean':>15}{'runs':>6}"
+          f"{'window ms (last)':>18}")
+    for mode, chunks in (("static", static_chunks), ("dynamic", dyn_chunks)):
+        sim = simulate(chunks, stage_model, 2).bubble_fraction
+        runs = [r for r in measured.get(mode, []) if r is not None]
+        last = measured.get(mode, [None])[-1] if measured.get(mode) else None
+        mean = statistics.mean(r.fraction for r in runs) if runs else float("nan")
+        print(f"{mode:10}{sim:>11.1%}"
+              f"{(f'{last.fraction:.1%}' if last else 'n/a'):>15}{mean:>15.1%}{len(runs):>6}"
+              f"{(f'{1e3 * last.window_s:.1f}' if last else 'n/a'):>18}")
+        if last is not None:
+            print(f"{'':10}stage idle (last run): "
+                  + ", ".join(f"stage {s} {x:.1%}" for s, x in enumerate(last.stage_idle)))
 
 
 def last_run_steps(rt, chunks: list[int]) -> list:
@@ -178,17 +222,23 @@ def report(args, static_runs, dyn_runs, off_runs, static_chunks, dyn_chunks, ste
     print(f"greedy outputs (8 tokens) identical: {'yes' if match else 'NO'}")
 
 
-def draw(args, out: Path, stage_model, static_chunks, dyn_chunks):
+def draw(args, out: Path, stage_model, static_chunks, dyn_chunks, measured=None):
+    """Simulated (left) beside measured (right; where measured) timelines, static then
+    dynamic."""
     from dcpp.chunker.simulate import simulate
-    from dcpp.timeline import bars_from_sim, draw_timeline
+    from dcpp.timeline import bars_from_measured, bars_from_sim, draw_timeline
 
-    timelines = {
-        f"vLLM static ({len(static_chunks)} chunks)":
-            bars_from_sim(simulate(static_chunks, stage_model, 2)),
-        f"dcpp dynamic ({len(dyn_chunks)} chunks)":
-            bars_from_sim(simulate(dyn_chunks, stage_model, 2)),
-    }
-    return draw_timeline(timelines, out / "timeline",
+    measured = measured or {}
+    both = all(measured.get(mode) is not None for mode in ("static", "dynamic"))
+    timelines = {}
+    for mode, label, chunks in (("static", "vLLM static", static_chunks),
+                                ("dynamic", "dcpp dynamic", dyn_chunks)):
+        timelines[f"{label} ({len(chunks)} chunks), simulated"] = bars_from_sim(
+            simulate(chunks, stage_model, 2))
+        got = measured.get(mode)
+        if got is not None:
+            timelines[f"{label} ({len(got.chunks)} chunks), measured"] = bars_from_measured(got)
+    return draw_timeline(timelines, out / "timeline", ncols=2 if both else 1,
                          title=f"PP=2, {args.prompt_len}-token prompt on vLLM (CPU)")
 
 

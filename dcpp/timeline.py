@@ -1,8 +1,10 @@
 """Pipeline timeline pictures: stage x time, one bar per chunk, bubbles visible as gaps.
 
 Input is engine-agnostic: for each named plan, a list of ``Bar(stage, chunk, start, end)`` in
-seconds, from the simulator (``dcpp.chunker.simulate``) or from a measured run. Panels share the
-time axis so static and dynamic plans compare at a glance.
+seconds, from the simulator (``dcpp.chunker.simulate``) or from a measured run
+(``dcpp.chunker.bubbles.PrefillBubble``: `bars_from_measured`). Panels share the time axis so
+static and dynamic plans, simulated and measured, compare at a glance (``ncols=2`` puts them
+side by side).
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ def check_bars(name: str, bars: Sequence[Bar]) -> None:
 
 
 def draw_timeline(timelines: Mapping[str, Sequence[Bar]], out: str | Path, *,
-                  title: str = "Pipeline timeline", unit: str = "ms") -> list[Path]:
-    """Draw one panel per plan and write ``out`` with suffixes .png and .svg; return both paths."""
+                  title: str = "Pipeline timeline", unit: str = "ms",
+                  ncols: int = 1) -> list[Path]:
+    """Draw one panel per plan (row by row, ``ncols`` panels a row) and write ``out`` with
+    suffixes .png and .svg; return both paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,15 +47,22 @@ def draw_timeline(timelines: Mapping[str, Sequence[Bar]], out: str | Path, *,
 
     if not timelines:
         raise ValueError("timelines is empty; pass at least one {name: bars} entry")
+    if isinstance(ncols, bool) or not isinstance(ncols, int) or ncols < 1:
+        raise ValueError(f"ncols={ncols!r} must be an int >= 1")
     for name, bars in timelines.items():
         check_bars(name, bars)
     scale = {"s": 1.0, "ms": 1e3}[unit]
     num_stages = max(b.stage for bars in timelines.values() for b in bars) + 1
     horizon = max(b.end for bars in timelines.values() for b in bars) * scale
     cmap = plt.get_cmap("tab20")
-    fig, axes = plt.subplots(len(timelines), 1, sharex=True, squeeze=False,
-                             figsize=(10, 1.0 + 0.6 * num_stages * len(timelines)))
-    for ax, (name, bars) in zip(axes[:, 0], timelines.items()):
+    ncols = min(ncols, len(timelines))
+    nrows = -(-len(timelines) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, sharex=True, squeeze=False,
+                             figsize=(10 if ncols == 1 else 7 * ncols,
+                                      1.0 + 0.6 * num_stages * nrows))
+    for ax in axes.flat[len(timelines):]:
+        ax.set_visible(False)
+    for ax, (name, bars) in zip(axes.flat, timelines.items()):
         span = max(b.end for b in bars)
         busy = sum(b.end - b.start for b in bars)
         bubble = 1 - busy / (num_stages * span) if span > 0 else 0.0
@@ -68,7 +79,8 @@ def draw_timeline(timelines: Mapping[str, Sequence[Bar]], out: str | Path, *,
         ax.set_title(f"{name}: TTFT {span * scale:.4g} {unit}, bubbles {bubble:.1%}",
                      fontsize=9, loc="left")
         ax.set_xlim(0, horizon * 1.02)
-    axes[-1, 0].set_xlabel(f"time ({unit}); bar label = chunk index")
+    for ax in axes[-1, :]:
+        ax.set_xlabel(f"time ({unit}); bar label = chunk index")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     out = Path(out)
@@ -89,6 +101,13 @@ def bars_from_stage_times(stage_times: Sequence[Sequence[float]]) -> list[Bar]:
     from dcpp.chunker.simulate import simulate_times
 
     return bars_from_sim(simulate_times(np.asarray(stage_times, dtype=float).T))
+
+
+def bars_from_measured(result) -> list[Bar]:
+    """Bars of a measured prefill (``dcpp.chunker.bubbles.PrefillBubble``): its own steps on
+    each stage, from the workers' step start/end times, seconds from its first chunk's start."""
+    return [Bar(stage, chunk, max(0.0, start), max(0.0, end))
+            for stage, chunk, start, end in result.bars]
 
 
 def bars_from_sim(result) -> list[Bar]:

@@ -38,3 +38,25 @@ def test_draw_timeline_png_and_svg(tmp_path):
 def test_draw_timeline_rejects_bad_input(tmp_path, timelines, match):
     with pytest.raises(ValueError, match=match):
         draw_timeline(timelines, tmp_path / "t")
+
+
+def test_measured_beside_simulated_in_two_columns(tmp_path):
+    from dcpp.chunker.bubbles import PrefillBubble
+    from dcpp.timeline import bars_from_measured
+
+    measured = PrefillBubble("r", "pipeline", 0.3, (0.2, 0.4), 5.0, (1, 1, 2),
+                             bars=((0, 0, 0.0, 1.0), (1, 0, 1.0, 2.0), (0, 1, 1.0, 2.0),
+                                   (1, 1, 2.0, 3.0), (0, 2, 2.0, 4.0), (1, 2, 4.0, 5.0)),
+                             other_steps=0)
+    bars = bars_from_measured(measured)
+    assert Bar(1, 2, 4.0, 5.0) in bars and len(bars) == 6
+    sim = bars_from_stage_times([[1.0, 1.0], [1.0, 1.0], [2.0, 1.0]])
+    png, svg = draw_timeline({"sim": sim, "measured": bars, "sim2": sim}, tmp_path / "t",
+                             unit="s", ncols=2)
+    img = matplotlib.image.imread(png)
+    assert img.shape[1] == 7 * 2 * 110 and img.shape[0] == int(round((1 + 0.6 * 2 * 2) * 110))
+    text = svg.read_text()
+    assert "measured: TTFT 5 s, bubbles 30.0%" in text  # the panel's own idle share
+    assert len(re.findall(r'id="measured-stage\d-chunk\d"', text)) == 6
+    with pytest.raises(ValueError, match="ncols"):
+        draw_timeline({"sim": sim}, tmp_path / "u", ncols=0)

@@ -60,3 +60,246 @@ def test_port_zero_is_off_and_taken_port_warns(caplog):
             log.removeHandler(caplog.handler)
     assert f"cannot serve metrics on port {port}" in caplog.text
     assert "metrics_port" in caplog.text
+
+
+# ------------------------------------------------------------------ measured bubbles
+def test_bubble_histogram_served_with_plan_label():
+    port = _free_port()
+    m = start_metrics(port)
+    try:
+        m.bubble_fraction.labels(plan="pipeline").observe(0.3)
+        m.bubble_fraction.labels(plan="off").observe(0.45)
+        m.bubble_fraction.labels(plan="off").observe(0.55)
+        text = _scrape(port)
+    finally:
+        m.close()
+    assert "# TYPE dcpp_prefill_bubble_fraction histogram" in text
+    assert 'dcpp_prefill_bubble_fraction_bucket{le="0.3",plan="pipeline"} 1.0' in text
+    assert 'dcpp_prefill_bubble_fraction_bucket{le="0.5",plan="off"} 1.0' in text
+    assert 'dcpp_prefill_bubble_fraction_count{plan="off"} 2.0' in text
+    assert 'dcpp_prefill_bubble_fraction_sum{plan="pipeline"} 0.3' in text
+    from dcpp.integration.vllm.metrics import bubble_totals
+
+    totals = bubble_totals(text)
+    assert totals["off"][1] == 2 and totals["off"][0] == pytest.approx(1.0)
+    assert totals["pipeline"] == (pytest.approx(0.3), 1)
+    assert bubble_totals("") == {}
+
+
+class _Done:
+    def __init__(self, value):
+        self.value = value
+
+    def done(self):
+        return True
+
+    def result(self):
+        return self.value
+
+
+class _TwoStageWorkers:
+    """dcpp's timing RPCs on 2 PP ranks; `run` records one step as the workers' timers do:
+    (fingerprint, seconds, start) per rank."""
+
+    def __init__(self):
+        self.records = [[], []]
+        self.every = 1
+
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None, non_block=False):
+        name = method if isinstance(method, str) else method.__name__
+        if name.endswith("enable_step_timing"):
+            res = [{"pp_rank": r, "ok": True} for r in range(2)]
+        elif name.endswith("drain_step_times"):
+            res = [{"pp_rank": r, "times": self.records[r]} for r in range(2)]
+            self.records = [[], []]
+            if args and args[0] is not None:
+                self.every = args[0]
+        else:
+            raise RuntimeError(name)
+        return _Done(res) if non_block else res
+
+    def run(self, fp, starts, ends):
+        for r in range(2):
+            self.records[r].append((fp, ends[r] - starts[r], starts[r]))
+
+
+def _stage_timing(workers):
+    from types import SimpleNamespace as NS
+
+    from dcpp.integration.vllm.stage_timing import StageTiming
+
+    vc = NS(parallel_config=NS(worker_extension_cls="", pipeline_parallel_size=2))
+    timing = StageTiming(vc, workers)
+    timing.enable()
+    assert timing.on
+    return timing
+
+
+def test_stage_timing_measures_and_exports_a_prefills_bubbles(caplog):
+    """The hand oracle of tests/chunker/test_bubbles.py through StageTiming: 3 chunks of one
+    request, stage times (1, 1, 2) s and (1, 1, 1) s -> bubble fraction 0.3, logged at debug
+    level, observed in the histogram under the request's plan, summarised for benchmarks."""
+    from types import SimpleNamespace as NS
+
+    from dcpp.integration.vllm import vllm_compat
+
+    starts = [(0.0, 1.0), (1.0, 2.0), (2.0, 4.0)]
+    ends = [(1.0, 2.0), (2.0, 3.0), (4.0, 5.0)]
+    chunks = [(100, 0), (100, 100), (200, 200)]
+    workers = _TwoStageWorkers()
+    timing = _stage_timing(workers)
+    port = _free_port()
+    timing.metrics = start_metrics(port)
+    sink = []
+    log = logging.getLogger("vllm.dcpp")
+    log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="vllm.dcpp"):
+            sent = []
+            for k, (n, h) in enumerate(chunks):
+                out = NS(num_scheduled_tokens={"req-1": n}, scheduled_new_reqs=(),
+                         scheduled_cached_reqs=NS(num_computed_tokens=[h]))
+                step = timing.track(out, [(n, h)], True, prefills={"req-1": (n, h)},
+                                    finishing=["req-1"] if k == 2 else [],
+                                    labels={"req-1": "pipeline"} if k == 0 else {})
+                workers.run(vllm_compat.step_fingerprint(out), starts[k], ends[k])
+                sent.append(step)
+                if k:  # outputs come back one step behind (2 stages in flight)
+                    timing.poll(False, lambda *a: sink.append(a), returned=sent[k - 1])
+            timing.poll(True, lambda *a: sink.append(a), returned=sent[-1])
+        text = _scrape(port)
+    finally:
+        log.removeHandler(caplog.handler)
+        timing.metrics.close()
+    assert len(sink) == 3  # calibration still gets every prefill step (slowest stage)
+    assert [s[1] for s in sink] == pytest.approx([1.0, 1.0, 2.0])
+    summary = timing.bubble_summary()
+    assert summary["measured"] == 1 and summary["unmeasured"] == 0
+    assert summary["by_plan"]["pipeline"]["mean"] == pytest.approx(0.3)
+    (r,) = timing.bubbles.results
+    assert r.stage_idle == pytest.approx((0.2, 0.4)) and r.chunks == (100, 100, 200)
+    assert "request req-1 prefill bubbles 30.0% (plan pipeline, 3 chunks" in caplog.text
+    assert 'dcpp_prefill_bubble_fraction_bucket{le="0.3",plan="pipeline"} 1.0' in text
+    assert 'dcpp_prefill_bubble_fraction_bucket{le="0.25",plan="pipeline"} 0.0' in text
+
+
+def test_stage_timing_without_start_times_measures_nothing():
+    """Workers that send (fingerprint, seconds) only (an older dcpp on the workers): calibration
+    goes on, no bubble is made up."""
+    from types import SimpleNamespace as NS
+
+    from dcpp.integration.vllm import vllm_compat
+
+    workers = _TwoStageWorkers()
+    timing = _stage_timing(workers)
+    out = NS(num_scheduled_tokens={"r": 64}, scheduled_new_reqs=(), scheduled_cached_reqs=None)
+    step = timing.track(out, [(64, 0)], True, prefills={"r": (64, 0)}, finishing=["r"])
+    fp = vllm_compat.step_fingerprint(out)
+    workers.records = [[(fp, 0.5)], [(fp, 0.6)]]
+    sink = []
+    timing.poll(True, lambda *a: sink.append(a), returned=step)
+    assert len(sink) == 1 and sink[0][1] == pytest.approx(0.6)
+    assert timing.bubble_summary()["measured"] == 0
+    assert timing.bubble_summary()["unmeasured"] == 1
+
+
+def test_bubble_sampling_forces_full_timing_once_calibrated(monkeypatch):
+    """DCPP_BUBBLE_SAMPLE_EVERY=N: calibration's 1-in-8 rate gives way to every step while a
+    sampled prefill runs; 0 (the default) never does."""
+    workers = _TwoStageWorkers()
+    monkeypatch.setenv("DCPP_BUBBLE_SAMPLE_EVERY", "4")
+    timing = _stage_timing(workers)
+    timing.every = 8
+    assert timing.every == 1  # armed: the next prefill will be measured
+    monkeypatch.delenv("DCPP_BUBBLE_SAMPLE_EVERY")
+    timing = _stage_timing(workers)
+    timing.every = 8
+    assert timing.every == 8
+    monkeypatch.setenv("DCPP_BUBBLE_SAMPLE_EVERY", "-1")
+    with pytest.raises(ValueError, match="DCPP_BUBBLE_SAMPLE_EVERY"):
+        _stage_timing(workers)
+
+
+def test_runtime_reports_bubbles_per_plan_in_stats_and_metrics(tmp_path, monkeypatch):
+    """Through DcppRuntime (no vLLM): three prompts, each alone, with dcpp's plan, vLLM's
+    chunks (dcpp_plan=off) and a fixed chunk (dcpp_chunk_size); the fake workers lay each
+    step on a 2-stage flow shop. Each prefill's measured bubble equals the simulator's on the
+    same stage times; stats() and the histogram carry it under the request's plan."""
+    from types import SimpleNamespace as NS
+
+    import numpy as np
+
+    from dcpp.chunker.simulate import simulate_times
+    from dcpp.config import ProfilingChunkConfig
+    from dcpp.integration.vllm import vllm_compat
+    from dcpp.integration.vllm.runtime import DcppRuntime
+
+    budget = 1024
+
+    def stage_time(n, h):
+        return 2e-3 + 2e-6 * n + 4e-9 * n * h + 2e-9 * n * n
+
+    class Workers(_TwoStageWorkers):
+        def collective_rpc(self, method, timeout=None, args=(), kwargs=None, non_block=False):
+            name = method if isinstance(method, str) else method.__name__
+            if name.endswith("timed_prefill"):
+                return [{"pp_rank": r, "tp_rank": 0, "seconds": stage_time(args[0], args[1])}
+                        for r in range(2)]
+            return super().collective_rpc(method, timeout, args, kwargs, non_block)
+
+    monkeypatch.setenv("DCPP_CACHE_DIR", str(tmp_path))
+    port = _free_port()
+    vc = NS(scheduler_config=NS(max_num_batched_tokens=budget, enable_chunked_prefill=True),
+            model_config=NS(max_model_len=16384, model="fake-model", dtype="float32"),
+            cache_config=NS(block_size=16),
+            parallel_config=NS(pipeline_parallel_size=2, tensor_parallel_size=1,
+                               worker_extension_cls=""),
+            additional_config={"profiling_chunk_config": {
+                "enabled": True, "min_chunk": 64, "metrics_port": port}})
+    cfg = ProfilingChunkConfig.from_additional_config(vc.additional_config).check_engine(
+        pipeline_parallel_size=2, enable_chunked_prefill=True, max_num_batched_tokens=budget)
+    workers = Workers()
+    rt = DcppRuntime(vc, cfg, executor=workers)
+    try:
+        assert rt.stage_timing
+        expected = {}
+        t = 100.0
+        for rid, extra in (("a", None), ("b", {"dcpp_plan": "off"}),
+                           ("c", {"dcpp_chunk_size": 700})):
+            r = NS(request_id=rid, num_tokens=3000, num_prompt_tokens=3000,
+                   num_computed_tokens=0, num_tokens_with_spec=3000,
+                   sampling_params=NS(extra_args=extra) if extra else None)
+            sched = NS(running=[r], waiting=[], max_num_scheduled_tokens=budget,
+                       requests={rid: r}, scheduler_config=NS(disable_chunked_mm_input=False))
+            ends, times, outs = [t, t], [], []
+            while r.num_computed_tokens < r.num_tokens:
+                rt.begin_step(sched)
+                h = r.num_computed_tokens
+                c = rt.cap(sched, r, h, min(budget, r.num_tokens - h))
+                r.num_computed_tokens += c
+                out = NS(num_scheduled_tokens={rid: c}, scheduled_new_reqs=(),
+                         scheduled_cached_reqs=NS(num_computed_tokens=[h]))
+                rt.end_step(sched, out)
+                s = stage_time(c, h)
+                a0 = ends[0]
+                a1 = max(a0 + s, ends[1])
+                ends = [a0 + s, a1 + 1.2 * s]  # stage 1 is 20% slower
+                workers.run(vllm_compat.step_fingerprint(out), (a0, a1), ends)
+                times.append((s, 1.2 * s))
+                outs.append(out)
+                if len(outs) > 1:  # 2 steps in flight
+                    rt.on_output(outs[-2], ends[1], idle=False)
+            rt.on_output(outs[-1], ends[1], idle=True)
+            expected[rid] = simulate_times(np.array(times).T).bubble_fraction
+            t = ends[1] + 1.0
+        by_plan = rt.stats()["bubbles"]["by_plan"]
+        text = _scrape(port)
+    finally:
+        rt.close()
+    assert set(by_plan) == {"pipeline", "off", "fixed"}
+    for rid, plan in (("a", "pipeline"), ("b", "off"), ("c", "fixed")):
+        assert by_plan[plan]["count"] == 1
+        assert by_plan[plan]["mean"] == pytest.approx(expected[rid], rel=1e-9)
+    assert rt.chunk_log["c"][:4] == [700, 700, 700, 700]
+    assert rt.chunk_log["b"] == [1024, 1024, 952]
+    assert 'dcpp_prefill_bubble_fraction_count{plan="fixed"} 1.0' in text

@@ -18,6 +18,8 @@ logger = logging.getLogger("vllm.dcpp")
 
 CHUNK_BUCKETS = tuple(float(2 ** k) for k in range(4, 19))  # 16 .. 262144 tokens
 ERROR_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)  # |predicted / measured - 1|
+BUBBLE_BUCKETS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+"""Measured share of stage-time idle during a prefill (`dcpp.chunker.bubbles`)."""
 
 
 class DcppMetrics:
@@ -36,6 +38,14 @@ class DcppMetrics:
             "dcpp_chunk_latency_prediction_error",
             "Per prefill step: |predicted / measured - 1| of the slowest stage's compute time.",
             buckets=ERROR_BUCKETS, registry=r)
+        self.bubble_fraction = Histogram(
+            "dcpp_prefill_bubble_fraction",
+            "Per measured prefill: share of stage-time idle between its first chunk's start on "
+            "stage 0 and its last chunk's end on the last stage, averaged over pipeline stages "
+            "(from the workers' step start/end times; prefills with an untimed step in that "
+            "window are not observed). Label plan: off (vLLM's chunks), pipeline, equal_time, "
+            "fixed (dcpp_chunk_size).",
+            labelnames=("plan",), buckets=BUBBLE_BUCKETS, registry=r)
         self.step_seconds = Histogram(
             "dcpp_step_compute_seconds", "Slowest stage's compute time of each prefill step.",
             registry=r)
@@ -63,6 +73,25 @@ class DcppMetrics:
             self._server.server_close()
             self._thread.join(timeout=5)
             self._server = None
+
+
+def bubble_totals(text: str) -> dict[str, tuple[float, int]]:
+    """{plan: (sum, count)} of ``dcpp_prefill_bubble_fraction`` in a scrape of the endpoint
+    (Prometheus text format). For benchmarks on the OpenAI server: the difference of two scrapes
+    gives a round's mean measured bubble per plan, (sum1 - sum0) / (count1 - count0)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, list] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "dcpp_prefill_bubble_fraction":
+            continue
+        for sample in family.samples:
+            plan = sample.labels.get("plan", "")
+            if sample.name.endswith("_sum"):
+                out.setdefault(plan, [0.0, 0])[0] = float(sample.value)
+            elif sample.name.endswith("_count"):
+                out.setdefault(plan, [0.0, 0])[1] = int(sample.value)
+    return {k: (v[0], v[1]) for k, v in sorted(out.items())}
 
 
 def start_metrics(port: int, rank: int = 0) -> DcppMetrics | None:

@@ -77,6 +77,7 @@ class DcppRuntime:
         self.metrics = start_metrics(
             int(cfg.metrics_port),
             rank=int(getattr(vllm_config.parallel_config, "data_parallel_rank", 0) or 0))
+        self.timing.metrics = self.metrics  # measured bubbles
         if self.metrics is not None:
             self.metrics.profile_passes.set(self.num_profile_passes)
             self.metrics.active.set(1 if self.model is not None else 0)
@@ -234,16 +235,21 @@ class DcppRuntime:
         now = time.monotonic()
         batch: list[tuple[int, int]] = []
         finishing: list[str] = []
+        prefills: dict[str, tuple[int, int]] = {}  # for the measured bubbles
+        labels: dict[str, str] = {}
         has_prefill = False
         for rid, n, history, prefill, total in vllm_compat.scheduled_requests(scheduler, out):
             batch.append((n, history))
             if not prefill:
                 continue
             has_prefill = True
+            prefills[rid] = (n, history)
             if self.cal is not None and rid not in self._prefills:
-                mode = self.mode_for(vllm_compat.live_request(scheduler, rid))
+                request = vllm_compat.live_request(scheduler, rid)
+                mode = self.mode_for(request)
                 self._prefills[rid] = _Prefill(now, history, mode, True)
                 _trim(self._prefills)
+                labels[rid] = "fixed" if self.fixed_chunk_for(request) is not None else mode
             if self.metrics is not None:
                 self.metrics.chunk_tokens.observe(n)
             self.chunk_log.setdefault(rid, []).append(n)
@@ -260,7 +266,8 @@ class DcppRuntime:
             for rid in out.num_scheduled_tokens:
                 if rid in self._prefills:
                     self._prefills[rid].alone = False
-        sent = self.timing.track(out, batch, has_prefill)
+        sent = self.timing.track(out, batch, has_prefill, prefills=prefills, finishing=finishing,
+                                 labels=labels)
         self.ledger.push(LedgerEntry(sent.fingerprint, now, batch, has_prefill, finishing, sent))
 
     def forget_plan(self, request_id: str) -> None:
@@ -271,6 +278,7 @@ class DcppRuntime:
         """Drop the plans and prefill timers of `request_ids` (None: of every request)."""
         if self.sizer is not None:
             self.sizer.forget(request_ids)
+        self.timing.forget(request_ids)
         if request_ids is None:
             self._prefills.clear()
             return
@@ -290,7 +298,8 @@ class DcppRuntime:
                 and last > entry.scheduled_at and t_out > last):
             self._observe_interval(entry.batch, t_out - last, entry.sent)
         if self.stage_timing:
-            self.timing.poll(idle, self._observe_stage_time)
+            self.timing.poll(idle, self._observe_stage_time,
+                             returned=entry.sent if entry is not None else None)
         if entry is not None and entry.finishing:
             self._observe_requests(entry.finishing, t_out)
         if (idle and self._unsaved
@@ -407,6 +416,7 @@ class DcppRuntime:
             "median_interval_error": (statistics.median(self.interval_errors)
                                       if self.interval_errors else float("nan")),
             "model": _fit_repr(self.model),
+            "bubbles": self.timing.bubble_summary(),
         }
 
 

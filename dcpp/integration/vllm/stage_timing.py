@@ -2,6 +2,15 @@
 (see `worker_extension`); `StageTiming` collects those records with non-blocking RPCs and
 matches them to the steps the scheduler sent, handing each matched prefill step's
 (batch, slowest-stage seconds, step interval) to the caller's calibration.
+
+The workers also report when each timed step started on their stage, so every step's per-stage
+interval goes to a `dcpp.chunker.bubbles.BubbleTracker`: each prefill whose window was fully
+timed gets its measured bubble fraction (that module's docstring has the definition and how
+untimed steps are handled), logged at debug level, observed in the
+``dcpp_prefill_bubble_fraction`` histogram (label ``plan``) and kept for `bubble_summary`.
+Calibration times every step only at first and while drift is suspected; DCPP_BUBBLE_SAMPLE_EVERY
+=N (default 0: off) also measures 1 prefill in N once calibrated, by timing every step around it
+(a device sync per step for that while).
 """
 
 from __future__ import annotations
@@ -11,6 +20,8 @@ import dataclasses
 import logging
 from typing import Any, Callable
 
+from dcpp import envs
+from dcpp.chunker.bubbles import BubbleTracker, PrefillBubble, summarize
 from dcpp.integration.vllm import vllm_compat
 
 logger = logging.getLogger("vllm.dcpp")  # under "vllm": uses its log handler and level
@@ -18,6 +29,16 @@ logger = logging.getLogger("vllm.dcpp")  # under "vllm": uses its log handler an
 #: What a matched step is handed to: (batch of (chunk, history), slowest stage's compute in s,
 #: step interval in s or None when it was not measured).
 StepSink = Callable[[list, float, "float | None"], None]
+
+BUBBLE_SAMPLE_EVERY = 0
+"""Default of DCPP_BUBBLE_SAMPLE_EVERY (0: no timing beyond what calibration asks for; keeps the
+"no per-step sync once calibrated" rule of docs/architecture.md)."""
+
+
+def bubble_sample_every() -> int:
+    """DCPP_BUBBLE_SAMPLE_EVERY: time every step around 1 prefill in this many, so that its
+    bubbles are measured (1: every prefill; 0: only prefills calibration times anyway)."""
+    return envs.env_int("DCPP_BUBBLE_SAMPLE_EVERY", BUBBLE_SAMPLE_EVERY, low=0, high=1 << 30)
 
 
 @dataclasses.dataclass(eq=False)
@@ -31,6 +52,8 @@ class SentStep:
     has_prefill: bool
     interval: float | None = None
     """Measured step interval in seconds, filled in by the scheduler when its output comes."""
+    index: int = -1
+    """Position in scheduling order among the steps tracked while timing was on (-1: none)."""
 
 
 class StageTiming:
@@ -45,13 +68,28 @@ class StageTiming:
         """Steps not yet asked for (the next drain RPC covers them)."""
         self.drain: tuple[Any, list[SentStep]] | None = None
         """The drain RPC in flight: (its future, the steps it covers)."""
-        self.every = 1
-        """Workers time 1 in `every` steps (`vllm_compat.step_is_timed`)."""
+        self._every = 1
+        """Calibration's rate (`every` may be 1 while a prefill's bubbles are measured)."""
         self._workers_every = 1
         """The rate the workers were last told."""
         self.steps_seen = 0
         self.steps_timed = 0
         """Steps tracked while timing was on, and those of them the workers time."""
+        self.bubbles = BubbleTracker(sample_every=bubble_sample_every(),
+                                     on_result=self._bubble_measured)
+        """Measured bubbles per prefill (`dcpp.chunker.bubbles`)."""
+        self.metrics: Any | None = None
+        """`metrics.DcppMetrics` to observe bubbles in (set by the runtime), or None."""
+
+    @property
+    def every(self) -> int:
+        """Workers time 1 in `every` steps (`vllm_compat.step_is_timed`): calibration's rate,
+        or 1 while the bubble tracker wants every step."""
+        return 1 if self.bubbles.full_timing else self._every
+
+    @every.setter
+    def every(self, value: int) -> None:
+        self._every = max(1, int(value))
 
     def _rpc(self, name: str) -> Any:
         from dcpp.integration.vllm import WORKER_EXTENSION_CLS
@@ -75,20 +113,53 @@ class StageTiming:
         if self.on:
             logger.info("dcpp: per-stage step timing on (%d workers)", len(res))
 
-    def track(self, out: Any, batch: list[tuple[int, int]], has_prefill: bool) -> SentStep:
-        """A record of the scheduled step `out`; queued for the next drain while timing is on."""
+    def track(self, out: Any, batch: list[tuple[int, int]], has_prefill: bool, *,
+              prefills: dict[str, tuple[int, int]] | None = None, finishing: Any = (),
+              labels: dict[str, str] | None = None) -> SentStep:
+        """A record of the scheduled step `out`; queued for the next drain while timing is on.
+        `prefills`: request id -> (chunk, history) of the step's prefills; `finishing`: those
+        whose prefill it ends; `labels`: plan names of those starting (for the bubbles)."""
         step = SentStep(vllm_compat.step_fingerprint(out), batch, has_prefill)
         if self.on:
             self.steps_seen += 1
-            if vllm_compat.step_is_timed(step.fingerprint, self._workers_every):
+            step.index = self.steps_seen - 1
+            timed = vllm_compat.step_is_timed(step.fingerprint, self._workers_every)
+            if timed:
                 self.steps_timed += 1
                 self.sent.append(step)
+            self.bubbles.step(step.index, timed, prefills or {}, finishing, labels)
         return step
 
-    def poll(self, idle: bool, sink: StepSink) -> None:
+    def forget(self, request_ids: Any) -> None:
+        """Requests aborted before their prefill's window closed (None: all)."""
+        self.bubbles.forget(request_ids)
+
+    def bubble_summary(self) -> dict:
+        """Measured bubble fractions of recent prefills, per plan (`bubbles.summarize`)."""
+        b = self.bubbles
+        return {"measured": b.num_measured, "unmeasured": b.num_unmeasured,
+                "sample_every": b.sample_every, "by_plan": summarize(b.results)}
+
+    def _bubble_measured(self, r: PrefillBubble) -> None:
+        logger.debug("dcpp: request %s prefill bubbles %.1f%% (plan %s, %d chunks, window "
+                     "%.1f ms, stage idle %s%s)", r.request_id, 100 * r.fraction, r.label,
+                     len(r.chunks), 1e3 * r.window_s,
+                     "/".join(f"{100 * x:.0f}%" for x in r.stage_idle),
+                     f", {r.other_steps} other steps" if r.other_steps else "")
+        if self.metrics is not None:
+            self.metrics.bubble_fraction.labels(plan=r.label).observe(r.fraction)
+
+    def _off(self) -> None:
+        self.on = False
+        self.bubbles.reset()
+
+    def poll(self, idle: bool, sink: StepSink, returned: SentStep | None = None) -> None:
         """Collect the workers' step times without stalling the pipeline: a drain RPC is
         sent non-blocking and read once vLLM has resolved it (its futures resolve in order as
-        the engine waits on its own steps); when the engine is idle it is read at once."""
+        the engine waits on its own steps); when the engine is idle it is read at once.
+        `returned`: the step whose output just came back (closes prefill windows)."""
+        if returned is not None and returned.index >= 0:
+            self.bubbles.returned(returned.index)
         if self.drain is not None and (idle or vllm_compat.future_done(self.drain[0])):
             future, steps = self.drain
             self.drain = None
@@ -97,7 +168,7 @@ class StageTiming:
             except Exception as exc:
                 logger.warning("dcpp: collecting step times failed (%s: %s); per-stage "
                                "timing off", type(exc).__name__, exc)
-                self.on = False
+                self._off()
                 return
         rate_changed = self.every != self._workers_every
         if self.drain is None and (rate_changed or self.sent and (idle or len(self.sent) >= 8)):
@@ -112,34 +183,43 @@ class StageTiming:
             except Exception as exc:
                 logger.warning("dcpp: step-time RPC failed (%s: %s); per-stage timing off",
                                type(exc).__name__, exc)
-                self.on = False
+                self._off()
                 return
             self.drain = (future, steps)
             self._workers_every = self.every
             if idle:
                 self.poll(idle=True, sink=sink)
 
-    @staticmethod
-    def _match(results: list, steps: list[SentStep], sink: StepSink) -> None:
-        """Pair each sent step with one time per PP rank (in order per fingerprint) and hand
-        the complete prefill steps to `sink`."""
-        per_rank: dict[int, dict[int, list[float]]] = {}  # pp_rank -> fingerprint -> seconds
-        for r in results:
+    def _match(self, results: list, steps: list[SentStep], sink: StepSink) -> None:
+        """Pair each sent step with one time per PP rank (in order per fingerprint), hand the
+        complete prefill steps to `sink` and every complete step's per-stage intervals (from
+        the records' start times, where the workers sent them) to the bubble tracker."""
+        # pp_rank -> fingerprint -> [(seconds, start or None)]; a record is (fingerprint,
+        # seconds) or (fingerprint, seconds, start in wall-clock seconds).
+        per_rank: dict[int, dict[int, list[tuple[float, float | None]]]] = {}
+        for r in sorted(results, key=lambda r: int(r.get("pp_rank", -1))):
             rank = int(r.get("pp_rank", -1))
             table = per_rank.setdefault(rank, {})
-            for fp, secs in r.get("times", []):
-                table.setdefault(int(fp), []).append(float(secs))
-        if not per_rank:
-            return
-        for step in steps:
-            times = []
-            for table in per_rank.values():
+            for rec in r.get("times", []):
+                start = float(rec[2]) if len(rec) > 2 and rec[2] is not None else None
+                table.setdefault(int(rec[0]), []).append((float(rec[1]), start))
+        last = max((s.index for s in steps), default=-1)
+        for step in steps if per_rank else ():
+            got_all = []
+            for table in per_rank.values():  # stage order
                 got = table.get(step.fingerprint)
                 if got:
-                    times.append(got.pop(0))
-            if len(times) != len(per_rank) or not step.has_prefill:
+                    got_all.append(got.pop(0))
+            if len(got_all) != len(per_rank):
                 continue
-            measured = max(times)  # the slowest stage sets the pace
+            if step.index >= 0 and all(start is not None for _, start in got_all):
+                self.bubbles.spans(step.index, [start for _, start in got_all],
+                                   [start + secs for secs, start in got_all])
+            if not step.has_prefill:
+                continue
+            measured = max(secs for secs, _ in got_all)  # the slowest stage sets the pace
             if measured <= 0:
                 continue
             sink(step.batch, measured, step.interval)
+        if last >= 0:  # the drained steps without a full set of spans are missing
+            self.bubbles.resolved(last)

@@ -350,7 +350,9 @@ def install_step_timer(worker: Any, maxlen: int = 4096, every: int = 1) -> bool:
     The clock starts after the hand-off from the previous stage has arrived (we wait on
     `AsyncIntermediateTensors.wait_for_comm`, which vLLM's forward would otherwise do lazily), so
     a later stage's time is its own compute, not the wait for the stage before it. Each record
-    is (fingerprint, seconds); `drain_step_times` hands them over. Idempotent."""
+    is (fingerprint, seconds, start): start is the wall clock (`time.time()`, comparable across
+    the workers' processes) when the clock started, so the scheduler can lay the stages' steps
+    on one time line (measured bubbles); `drain_step_times` hands them over. Idempotent."""
     import collections
 
     runner = worker.model_runner
@@ -373,10 +375,10 @@ def install_step_timer(worker: Any, maxlen: int = 4096, every: int = 1) -> bool:
         wait = getattr(intermediate_tensors, "wait_for_comm", None)
         if callable(wait):
             wait()
-        t0 = time.perf_counter()
+        start, t0 = time.time(), time.perf_counter()
         out = execute(scheduler_output, intermediate_tensors, *args, **kwargs)
         _sync(runner)
-        rec = [fp, time.perf_counter() - t0]
+        rec = [fp, time.perf_counter() - t0, start]
         records.append(rec)
         last[0] = rec
         return out
@@ -398,14 +400,13 @@ def install_step_timer(worker: Any, maxlen: int = 4096, every: int = 1) -> bool:
 
 
 def drain_step_times(worker: Any) -> list:
-    """[(fingerprint, seconds), ...] recorded since the last drain, oldest first."""
+    """[(fingerprint, seconds, start), ...] recorded since the last drain, oldest first."""
     records = getattr(worker.model_runner, _STEP_TIMES_ATTR, None)
     if records is None:
         return []
     out = []
     while records:
-        fp, secs = records.popleft()
-        out.append((fp, secs))
+        out.append(tuple(records.popleft()))
     return out
 
 
