@@ -68,6 +68,10 @@ class StageTiming:
         """Steps not yet asked for (the next drain RPC covers them)."""
         self.drain: tuple[Any, list[SentStep]] | None = None
         """The drain RPC in flight: (its future, the steps it covers)."""
+        self.drain_age = 0
+        """Step outputs seen since the drain in flight was sent."""
+        self.num_stages = max(1, int(getattr(vllm_config.parallel_config,
+                                             "pipeline_parallel_size", 1) or 1))
         self._every = 1
         """Calibration's rate (`every` may be 1 while a prefill's bubbles are measured)."""
         self._workers_every = 1
@@ -160,7 +164,14 @@ class StageTiming:
         `returned`: the step whose output just came back (closes prefill windows)."""
         if returned is not None and returned.index >= 0:
             self.bubbles.returned(returned.index)
-        if self.drain is not None and (idle or vllm_compat.future_done(self.drain[0])):
+        if self.drain is not None:
+            self.drain_age += 1
+        # Read it once its future is done, or once the steps that were in flight when it was
+        # sent (PP of them) have come back: by then the workers have answered it (vLLM's
+        # multiprocessing future is done there), and the legacy Ray executor's futures
+        # (`RayDistributedExecutor`) never report done at all.
+        if self.drain is not None and (idle or self.drain_age >= self.num_stages
+                                       or vllm_compat.future_done(self.drain[0])):
             future, steps = self.drain
             self.drain = None
             try:
@@ -185,7 +196,7 @@ class StageTiming:
                                type(exc).__name__, exc)
                 self._off()
                 return
-            self.drain = (future, steps)
+            self.drain, self.drain_age = (future, steps), 0
             self._workers_every = self.every
             if idle:
                 self.poll(idle=True, sink=sink)
