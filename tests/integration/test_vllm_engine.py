@@ -266,7 +266,9 @@ def test_preemption_replans_from_the_new_history_and_loses_nothing(engine, monke
 
     monkeypatch.setattr(sched, "_preempt_request", counting_preempt)
     monkeypatch.setattr(rt.sizer, "_plan_for", recording_plan)
-    outs = generate(engine, prompts, max_tokens=decode, ignore_eos=True)
+    # equal_time: planned at admission even beside the other prompt ("pipeline" would take
+    # vLLM's chunks while the other prompt's work feeds the pipeline, and plan later).
+    outs = generate(engine, prompts, plan="equal_time", max_tokens=decode, ignore_eos=True)
     assert preempted, f"two {n}-token prompts in a {capacity}-token KV cache were not preempted"
     for o, ref in zip(outs, static):
         assert list(o.outputs[0].token_ids) == list(ref.outputs[0].token_ids)
