@@ -337,10 +337,6 @@ def test_metrics_count_prefill_chunks_only(model_dir, monkeypatch, tmp_path):
     assert values["dcpp_step_overhead_seconds"] == pytest.approx(rt.overhead_s())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ChunkSizer.size takes the dcpp_chunk_size path before its `remaining <= 1` check, so a "
-    "decode with K drafts of such a request is cut to dcpp_chunk_size tokens (drafts dropped) "
-    "and charged to the step's prefill time budget; fix: test `remaining > 1` first"))
 def test_fixed_chunk_size_keeps_every_draft(model_dir, monkeypatch, tmp_path):
     """`dcpp_chunk_size` below 1 + K: prefill chunks follow it, decodes keep all K drafts."""
     sched, ex = dcpp_scheduler(model_dir, monkeypatch, tmp_path)

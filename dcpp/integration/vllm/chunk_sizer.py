@@ -152,7 +152,7 @@ class ChunkSizer:
         offered = ask.offered
         remaining = ask.total - ask.history
         step, model = self._step, self.model
-        if step is not None and ask.fixed is not None and offered > 1:
+        if step is not None and ask.fixed is not None and offered > 1 and remaining > 1:
             want = self._respect_boundaries(ask, max(1, min(ask.fixed, offered)))
             if model is not None:
                 step.batch_s += float(model.predict_time(want, ask.history)) - (
