@@ -22,7 +22,7 @@ V033_DEPS := 'pytest>=8' numpy 'scipy>=1.11' 'transformers>=5.16.1,<5.21' einops
 	'llguidance>=1.7,<1.8' 'fastapi>=0.133,<0.137' partial-json-parser
 # The tests that build vLLM's Scheduler with no model (also run against 0.33).
 SCHEDULER_TESTS := tests/integration/test_vllm_scheduler_offline.py \
-	tests/integration/test_scheduler_logic.py
+	tests/integration/test_scheduler_logic.py tests/integration/test_vllm_spec_decode.py
 # PP=2 on a 2-core CPU: one OpenMP thread per pipeline rank (DESIGN.md §3).
 export VLLM_CPU_OMP_THREADS_BIND ?= 0|1
 export VLLM_CPU_KVCACHE_SPACE ?= 1
