@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import os
 import signal
-import time
 from pathlib import Path
 
 # PP=2 on a 2-core CPU: one OpenMP thread per pipeline rank (DESIGN.md section 3).
@@ -18,6 +17,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DCPP_PROFILE_REPEATS", "3")
 
 import psutil  # noqa: E402  (a vLLM dependency)
+
+from dcpp.integration.vllm.harness import is_alive as _alive, reap  # noqa: E402,F401
 
 # Tiny Llama shared by the vLLM tests (random init, written locally).
 TINY_LAYERS = 4
@@ -67,32 +68,6 @@ def descendants() -> list:
 def _is_resource_tracker(p) -> bool:
     try:
         return any("resource_tracker" in part for part in p.cmdline())
-    except psutil.Error:
-        return False
-
-
-def reap(procs: list, timeout: float = 20.0) -> list[int]:
-    """Wait for `procs` to exit; SIGKILL the survivors by PID. Returns the PIDs that had to be
-    killed."""
-    killed: list[int] = []
-    deadline = time.monotonic() + timeout
-    alive = [p for p in procs if _alive(p)]
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.2)
-        alive = [p for p in alive if _alive(p)]
-    for p in alive:
-        try:
-            p.kill()
-            killed.append(p.pid)
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=5)
-    return killed
-
-
-def _alive(p) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
 

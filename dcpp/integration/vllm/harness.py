@@ -191,7 +191,7 @@ def node_processes(proc: subprocess.Popen) -> list[Any]:
                 found[p.pid] = p
         except (OSError, psutil.Error):
             pass
-    return [p for p in found.values() if _running(p)]
+    return [p for p in found.values() if is_alive(p)]
 
 
 def stop_node(proc: subprocess.Popen, timeout: float = 60.0) -> list[int]:
@@ -208,7 +208,7 @@ def stop_node(proc: subprocess.Popen, timeout: float = 60.0) -> list[int]:
             pass
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        procs = [p for p in procs if _running(p)] + [
+        procs = [p for p in procs if is_alive(p)] + [
             p for p in node_processes(proc) if p.pid not in {q.pid for q in procs}]
         if not procs:
             break
@@ -228,10 +228,32 @@ def stop_node(proc: subprocess.Popen, timeout: float = 60.0) -> list[int]:
     return killed
 
 
-def _running(p: Any) -> bool:
+def is_alive(p: Any) -> bool:
+    """Whether the psutil process `p` still runs (a zombie does not)."""
     import psutil
 
     try:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def reap(procs: list, timeout: float = 20.0) -> list[int]:
+    """Wait up to `timeout` s for the psutil processes `procs` to exit; SIGKILL the survivors
+    by PID. Returns the PIDs that had to be killed."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    left = [p for p in procs if is_alive(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = [p for p in left if is_alive(p)]
+    killed = []
+    for p in left:
+        try:
+            p.kill()
+            killed.append(p.pid)
+        except psutil.Error:
+            pass
+    psutil.wait_procs(left, timeout=5)
+    return killed

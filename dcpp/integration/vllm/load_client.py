@@ -227,7 +227,9 @@ class Server:
                 self.proc.send_signal(signal.SIGINT)
             except ProcessLookupError:
                 pass
-        killed = _reap(tree, timeout_s)
+        from dcpp.integration.vllm.harness import reap
+
+        killed = reap(tree, timeout_s)
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -241,28 +243,3 @@ class Server:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
-
-
-def _reap(procs: list[Any], timeout_s: float) -> list[int]:
-    import psutil
-
-    def alive(p: Any) -> bool:
-        try:
-            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
-
-    deadline = time.monotonic() + timeout_s
-    left = [p for p in procs if alive(p)]
-    while left and time.monotonic() < deadline:
-        time.sleep(0.2)
-        left = [p for p in left if alive(p)]
-    killed = []
-    for p in left:
-        try:
-            p.kill()
-            killed.append(p.pid)
-        except psutil.Error:
-            pass
-    psutil.wait_procs(left, timeout=5)
-    return killed
