@@ -94,9 +94,21 @@ class ProfilingChunkConfig:
     vLLM's own /metrics cannot carry them: its stat-logger plugins run in the front-end
     process and only see vLLM's own scheduler stats."""
 
+    live_calibration: bool = False
+    """Skip start-up profiling: serve vLLM's static chunks, time every step on every stage,
+    and switch to dynamic chunking once those timings cover enough (chunk, history) points to
+    fit the latency model (`dcpp.integration.vllm.live_fit`). Also what dcpp does by itself
+    where the model runner cannot time a prefill after a history. Needs ``need_timing``."""
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             _check_field(f.name, getattr(self, f.name))
+        if self.enabled and self.live_calibration and not self.need_timing:
+            raise ValueError(
+                f"{BLOCK_KEY}.live_calibration=True needs step timings, but need_timing=False; "
+                "fix: set need_timing to true (the default), or live_calibration to false "
+                "(start-up profiling)"
+            )
         if not self.enabled and self.need_timing:
             # Timing only feeds calibration, which is off with dcpp; not a user error.
             object.__setattr__(self, "need_timing", False)
@@ -260,6 +272,7 @@ _RULES: dict[str, tuple[str, Any, str]] = {
     "num_profile_samples": ("int", lambda v: 6 <= v <= 4096, "an int in [6, 4096]"),
     "calibration_window": ("int", lambda v: 8 <= v <= 1_000_000, "an int in [8, 1000000]"),
     "drift_threshold": ("float", lambda v: 0.0 < v <= 10.0, "a number with 0 < x <= 10"),
+    "live_calibration": ("bool", lambda v: True, "true or false"),
     "metrics_port": ("int", lambda v: 0 <= v <= 65535,
                      "an int in [0, 65535] (0 turns the metrics endpoint off)"),
     # vllm-ascend's, ignored by dcpp (FOREIGN_KEYS); the range vllm-ascend accepts

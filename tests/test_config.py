@@ -168,7 +168,8 @@ def test_unknown_key_without_close_match_lists_valid():
     ("enabled", "yes"), ("enabled", 1), ("need_timing", "true"), ("smooth_factor", "0.8"),
     ("smooth_factor", True), ("min_chunk", 4096.0), ("min_chunk", "4096"), ("min_chunk", True),
     ("plan_mode", 3), ("profile_cache_dir", 5), ("num_profile_samples", 16.5),
-    ("drift_threshold", "0.1"), ("calibration_window", None),
+    ("drift_threshold", "0.1"), ("calibration_window", None), ("live_calibration", "true"),
+    ("live_calibration", 1),
 ])
 def test_wrong_type_names_key_value_and_fix(key, value):
     with pytest.raises(ValueError) as e:
@@ -209,6 +210,19 @@ def test_need_timing_forced_off_with_warning(caplog):
         c = Cfg.from_dict({"enabled": False, "need_timing": True})
     assert c.need_timing is False
     assert "need_timing" in caplog.text
+
+
+def test_live_calibration_needs_timing():
+    """Live calibration fits on step timings: with need_timing off it cannot, and says so."""
+    assert Cfg().live_calibration is False
+    assert Cfg.from_dict({"enabled": True, "live_calibration": True}).live_calibration is True
+    with pytest.raises(ValueError) as e:
+        Cfg.from_dict({"enabled": True, "need_timing": False, "live_calibration": True})
+    msg = str(e.value)
+    assert "live_calibration=True needs step timings" in msg and "need_timing=False" in msg
+    assert "fix: set need_timing to true" in msg
+    # Disabled, nothing runs: not an error (need_timing is forced off anyway).
+    assert not Cfg.from_dict({"enabled": False, "live_calibration": True}).need_timing
 
 
 ENGINE = dict(pipeline_parallel_size=2, enable_chunked_prefill=True, max_num_batched_tokens=8192)

@@ -26,9 +26,15 @@ from dcpp.integration.vllm.chunk_sizer import (
     Ask,
     ChunkSizer,
 )
+from dcpp.integration.vllm.live_fit import LiveFit
 from dcpp.integration.vllm.metrics import start_metrics
 from dcpp.integration.vllm.stage_timing import SentStep, StageTiming
-from dcpp.integration.vllm.startup_profile import EngineLimits, load_or_profile
+from dcpp.integration.vllm.startup_profile import (
+    EngineLimits,
+    StartupProfile,
+    load_or_profile,
+    save_live_profile,
+)
 from dcpp.integration.vllm.startup_profile import cache_key as profile_cache_key
 from dcpp.integration.vllm.step_ledger import LedgerEntry, StepLedger
 
@@ -95,6 +101,10 @@ class DcppRuntime:
             self.timing.enable()
             self._restore_calibration(prof)
         self._build_predictors()
+        self.live: LiveFit | None = None
+        """Live calibration (static chunks until step timings suffice for a fit), else None."""
+        if self.model is None and cfg.need_timing and (cfg.live_calibration or prof.unsupported):
+            self._start_live_calibration()
 
     # ------------------------------------------------------------------ views
     @property
@@ -260,7 +270,7 @@ class DcppRuntime:
                 finishing.append(rid)
                 self.forget_plan(rid)
                 logger.debug("dcpp: request %s prefill chunks %s", rid, self.chunk_log[rid])
-        if self.cal is None or not batch:
+        if (self.cal is None and self.live is None) or not batch:
             return
         if len(batch) > 1:
             for rid in out.num_scheduled_tokens:
@@ -289,6 +299,8 @@ class DcppRuntime:
     def on_output(self, scheduler_output: Any, t_out: float, idle: bool = False) -> None:
         """A step's output came back at `t_out` (monotonic s)."""
         if self.cal is None:
+            if self.live is not None:
+                self._live_output(scheduler_output, t_out, idle)
             return
         entry = self.ledger.pop(vllm_compat.step_fingerprint(scheduler_output))
         last, self.last_output_t = self.last_output_t, t_out
@@ -347,6 +359,60 @@ class DcppRuntime:
             self.cal.observe_request(chunks, info.history, t_out - info.started_at)
             self._unsaved = True
         self._refresh_planning_model()
+
+    # ------------------------------------------------------------------ live calibration
+    def _start_live_calibration(self) -> None:
+        self.live = LiveFit(window=int(self.cfg.calibration_window))
+        self.timing.enable()
+        logger.info("dcpp: live calibration: vLLM's static chunks, every step timed (%s), "
+                    "until the timings cover enough (chunk, history) points to fit",
+                    "per-stage compute" if self.stage_timing else "step intervals")
+
+    def _live_output(self, scheduler_output: Any, t_out: float, idle: bool) -> None:
+        """`on_output` before the live fit: timings go to `self.live` (same sources and
+        interval rule as calibration)."""
+        entry = self.ledger.pop(vllm_compat.step_fingerprint(scheduler_output))
+        last, self.last_output_t = self.last_output_t, t_out
+        if self.stage_timing:
+            self.timing.poll(idle, self._observe_live,
+                             returned=entry.sent if entry is not None else None)
+        elif (entry is not None and entry.has_prefill and last is not None
+              and last > entry.scheduled_at and t_out > last):
+            self._observe_live(entry.batch, t_out - last, None)
+
+    def _observe_live(self, batch: list, measured: float, interval: float | None) -> None:
+        if self.cal is not None:  # switched earlier in this same drain
+            self._observe_stage_time(batch, measured, interval)
+            return
+        model = self.live.observe(batch, measured)
+        if model is not None:
+            self._switch_to_dynamic(model)
+
+    def _switch_to_dynamic(self, model: Any) -> None:
+        """Plan with the live fit from now on: calibration starts from it and its steps, the
+        fit is cached as this engine's profile (a restart plans at once)."""
+        live, self.live = self.live, None
+        points = live.profile_samples()
+        now = time.monotonic()
+        for rid in self.chunk_log:  # prefills begun before: no whole-prefill measurement
+            self._prefills.setdefault(rid, _Prefill(now, 0, PLAN_OFF, False))
+        _trim(self._prefills)
+        self.model, self.profile_source = model, "live"
+        self.cal = Calibrator(model, [([(c, h)], s) for c, h, s in points],
+                              window=int(self.cfg.calibration_window),
+                              drift_threshold=float(self.cfg.drift_threshold),
+                              num_stages=self.num_stages)
+        saved = save_live_profile(self.vllm_config, self.cfg, self.profile_path, model, points,
+                                  len(live.samples))
+        if saved:  # calibration is saved beside it (an older calibration file is removed)
+            self._restore_calibration(StartupProfile(model, "profiled", self.profile_path, 0))
+        self._build_predictors()
+        self._refresh_planning_model()
+        if self.metrics is not None:
+            self.metrics.active.set(1)
+        logger.info("dcpp: live calibration: fitted %s on %d prefill steps (%d fits tried)%s; "
+                    "dynamic chunking on", _fit_repr(model), len(live.samples), live.num_fits,
+                    f"; saved as the profile {self.profile_path}" if saved else "")
 
     # ------------------------------------------------------------------ persistence
     def _restore_calibration(self, prof: Any) -> None:

@@ -3,6 +3,10 @@ from timed prefill passes on every pipeline stage (`collective_rpc` into the wor
 None (static chunking) when neither works.
 
 `load_or_profile` is what `DcppRuntime` calls once at start-up; it returns a `StartupProfile`.
+With ``live_calibration``, or where a worker's model runner cannot time a prefill after a
+history (the profiling RPC's result says ``unsupported``), it returns no model and the runtime
+calibrates from live traffic (`live_fit`); `save_live_profile` then caches that fit here, so
+the next start loads it and is dynamic at once.
 """
 
 from __future__ import annotations
@@ -58,6 +62,13 @@ class StartupProfile:
     """Profiling forward passes run now (0 when loaded from the cache)."""
     samples: list = dataclasses.field(default_factory=list)
     """The profile's points as [([(chunk, history)], seconds), ...] (online refits reuse them)."""
+    unsupported: str | None = None
+    """Why start-up profiling cannot run on this engine's model runner (None: it can, or it
+    was not tried)."""
+
+
+class ProfilingUnsupported(RuntimeError):
+    """A worker reported that its model runner cannot time one prefill after a history."""
 
 
 def cache_key(vllm_config: Any, cfg: Any) -> dict:
@@ -102,6 +113,11 @@ def load_or_profile(vllm_config: Any, cfg: Any, executor: Any | None) -> Startup
         except Exception as exc:  # a stale or corrupt file: profile again
             logger.warning("dcpp: ignoring unreadable profile %s (%s); profiling again",
                            path, exc)
+    if cfg.live_calibration:
+        logger.info("dcpp: live_calibration: no start-up profiling; serving vLLM's static "
+                    "chunks of max_num_batched_tokens=%d until step timings cover enough "
+                    "(chunk, history) points to fit", limits.max_num_batched_tokens)
+        return result
     if executor is None:
         logger.warning(
             "dcpp: no model executor reachable from the scheduler (vLLM %s; checked %s); "
@@ -126,6 +142,16 @@ def load_or_profile(vllm_config: Any, cfg: Any, executor: Any | None) -> Startup
                            "best of %d runs per pass", exc, 2 * repeats)
             prof = _profile(vllm_config, cfg, limits, executor, key, 2 * repeats, deadline,
                             budget, passes)
+    except ProfilingUnsupported as exc:
+        result.passes = passes[0]
+        result.unsupported = str(exc)
+        logger.warning(
+            "dcpp: start-up profiling cannot run on this engine's model runner (%s); %s", exc,
+            "calibrating from live traffic instead: vLLM's static chunks until step timings "
+            "suffice to fit" if cfg.need_timing else
+            "falling back to static chunking (need_timing=true would calibrate from live "
+            "traffic)")
+        return result
     except Exception as exc:
         result.passes = passes[0]
         logger.warning(
@@ -172,6 +198,11 @@ def _profile(vllm_config: Any, cfg: Any, limits: EngineLimits, executor: Any, ke
                 "num_profile_samples)")
         results = executor.collective_rpc(
             method, timeout=left, args=(int(num_tokens), int(history), repeats))
+        unsupported = [r for r in results if r.get("unsupported")]
+        if unsupported:  # nothing was timed (or not what was asked for): never fit it
+            raise ProfilingUnsupported("; ".join(
+                f"pp_rank {r.get('pp_rank', '?')} tp_rank {r.get('tp_rank', '?')}: "
+                f"{r['unsupported']}" for r in unsupported[:2]))
         passes[0] += 1
         per_stage: dict[int, float] = {}  # pp_rank -> seconds (slowest TP rank)
         for r in results:
@@ -194,6 +225,30 @@ def _profile(vllm_config: Any, cfg: Any, limits: EngineLimits, executor: Any, ke
     logger.info("dcpp: profiled %d forward passes over %d PP stages in %.1f s",
                 passes[0] - first, limits.num_stages, time.monotonic() - t0)
     return prof
+
+
+def save_live_profile(vllm_config: Any, cfg: Any, path: str | None, model: Any,
+                      points: list[tuple[int, int, float]], steps: int) -> bool:
+    """Cache a live-calibration fit as this engine's profile at `path` (the profile cache file),
+    so a restart loads it (0 profiling passes) and plans at once; `points` are the
+    single-request steps (chunk, history, seconds), `steps` the steps fitted on. Returns
+    whether it was written (a warning if not)."""
+    from dcpp.chunker.profiler import Profile
+
+    if not path:
+        return False
+    model = dataclasses.replace(model, fit_info={**model.fit_info, "source": "live calibration",
+                                                 "steps": int(steps)})
+    prof = Profile(model=model, samples=tuple((int(c), int(h), float(s)) for c, h, s in points),
+                   cache_key=cache_key(vllm_config, cfg), num_passes=int(steps), num_warmup=0,
+                   scope="stage")
+    try:
+        prof.save(path)
+    except OSError as exc:
+        logger.warning("dcpp: could not save the live-calibration profile to %s (%s); the next "
+                       "start calibrates from live traffic again", path, exc)
+        return False
+    return True
 
 
 def _log_fit(prof: Any, limits: EngineLimits, plan_mode: str) -> None:

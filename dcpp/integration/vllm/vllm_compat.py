@@ -165,6 +165,63 @@ def _sync(model_runner: Any) -> None:
         torch.cuda.synchronize()
 
 
+class TimedPrefillUnsupported(RuntimeError):
+    """The model runner did not run the one request after a history that was asked for."""
+
+
+_TIMED_PREFILL_ARGS = ("force_attention", "profile_seq_lens")
+
+
+def timed_prefill_unsupported(worker: Any) -> str | None:
+    """Why `timed_prefill` cannot time one prefill after a history on this worker's model
+    runner, or None when it can (read before any pass is timed).
+
+    The check is `_dummy_run`'s signature: it must name `force_attention` and
+    `profile_seq_lens` as parameters. vLLM 0.32's V1 runner (`vllm/v1/worker/
+    gpu_model_runner.py`, which the CPU runner subclasses) does, and honours them: attention
+    metadata with `seq_lens = profile_seq_lens`, and `scheduler_config.max_num_seqs` read per
+    call. Its V2 runner (`vllm/v1/worker/gpu/model_runner.py`, the CUDA default, and
+    `vllm/v1/worker/cpu/model_runner.py`) takes `_dummy_run(num_tokens, *args, ...,
+    context_len=0, ..., **kwargs)`: both arguments vanish into **kwargs, and it splits the
+    tokens over `min(num_tokens, max_num_reqs)` requests, `max_num_reqs` fixed at init, so the
+    pass would time many short requests without history, silently. The signature tells the two
+    apart before anything runs; `timed_prefill` then checks after its first pass, where the V1
+    runner's buffers show it, that one request of `num_tokens` ran at that sequence length."""
+    runner = getattr(worker, "model_runner", None)
+    name = f"{type(runner).__module__}.{type(runner).__qualname__}"
+    fn = getattr(runner, "_dummy_run", None)
+    if not callable(fn):
+        return f"model runner {name} has no _dummy_run"
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError) as exc:
+        return f"cannot read the signature of {name}._dummy_run ({exc})"
+    named = {p for p, v in params.items()
+             if v.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    lacking = [a for a in _TIMED_PREFILL_ARGS if a not in named]
+    if lacking:
+        how = ("swallows them in **kwargs and ignores them"
+               if any(v.kind is inspect.Parameter.VAR_KEYWORD for v in params.values())
+               else "does not take them")
+        return (f"{name}._dummy_run{inspect.signature(fn)} does not name "
+                f"{' and '.join(lacking)} ({how}: vLLM's V2 model runner, which splits a dummy "
+                "run over up to max_num_seqs requests without history), so a timed prefill "
+                "after a history cannot be run on it")
+    if getattr(getattr(runner, "scheduler_config", None), "max_num_seqs", None) is None:
+        return f"model runner {name} has no scheduler_config.max_num_seqs to set to 1"
+    return None
+
+
+def _dummy_run_shape(runner: Any) -> tuple[int, int] | None:
+    """(tokens, sequence length) of the first request of the latest dummy run, from the V1
+    runner's buffers (`query_start_loc`, `optimistic_seq_lens_cpu`); None if not readable."""
+    try:
+        return (int(runner.query_start_loc.np[1]) - int(runner.query_start_loc.np[0]),
+                int(runner.optimistic_seq_lens_cpu[0]))
+    except Exception:
+        return None
+
+
 def timed_prefill(worker: Any, num_tokens: int, history: int, repeats: int = 1) -> float:
     """Seconds for this worker's pipeline stage to prefill `num_tokens` new tokens of one request
     after `history` cached tokens (best of `repeats`).
@@ -173,21 +230,29 @@ def timed_prefill(worker: Any, num_tokens: int, history: int, repeats: int = 1) 
     profile_seq_lens=history + num_tokens)` with `scheduler_config.max_num_seqs` set to 1 for the
     call (otherwise vLLM splits the tokens over many one-token requests). Dummy runs write no KV
     (slot mapping -1) and each PP rank runs its own layers without hand-off, so every stage is
-    timed on its own."""
+    timed on its own. Check `timed_prefill_unsupported` first; raises `TimedPrefillUnsupported`
+    when, after the first pass, the runner's buffers show another shape than one request of
+    `num_tokens` at sequence length `history + num_tokens`."""
     runner = worker.model_runner
     sched_cfg = runner.scheduler_config
     saved = sched_cfg.max_num_seqs
     best = float("inf")
+    seq_len = int(history + num_tokens)
     sched_cfg.max_num_seqs = 1
     try:
-        for _ in range(max(1, repeats)):
+        for i in range(max(1, repeats)):
             _sync(runner)
             t0 = time.perf_counter()
-            runner._dummy_run(
-                int(num_tokens), force_attention=True, profile_seq_lens=int(history + num_tokens)
-            )
+            runner._dummy_run(int(num_tokens), force_attention=True, profile_seq_lens=seq_len)
             _sync(runner)
             best = min(best, time.perf_counter() - t0)
+            shape = _dummy_run_shape(runner) if i == 0 else None
+            if shape is not None and shape != (int(num_tokens), seq_len):
+                raise TimedPrefillUnsupported(
+                    f"{type(runner).__qualname__}._dummy_run({num_tokens}, force_attention=True, "
+                    f"profile_seq_lens={seq_len}) with max_num_seqs=1 ran a first request of "
+                    f"{shape[0]} tokens at sequence length {shape[1]}, not one request of "
+                    f"{num_tokens} tokens after {history}")
     finally:
         sched_cfg.max_num_seqs = saved
     return best

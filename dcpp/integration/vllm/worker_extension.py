@@ -13,9 +13,20 @@ from dcpp.integration.vllm import vllm_compat
 
 
 def stage_timed_prefill(worker: Any, num_tokens: int, history: int, repeats: int = 1) -> dict:
-    """Time one prefill chunk on this worker's stage; returns rank info and seconds."""
+    """Time one prefill chunk on this worker's stage; returns rank info and seconds, or, where
+    this worker's model runner cannot time one prefill after a history, ``seconds`` None and
+    ``unsupported`` saying why (vLLM's V2 runner; `vllm_compat.timed_prefill_unsupported`),
+    so the scheduler calibrates from live traffic instead of fitting meaningless timings."""
     info = vllm_compat.worker_stage(worker)
-    info["seconds"] = vllm_compat.timed_prefill(worker, num_tokens, history, repeats)
+    reason = vllm_compat.timed_prefill_unsupported(worker)
+    if reason is None:
+        try:
+            info["seconds"] = vllm_compat.timed_prefill(worker, num_tokens, history, repeats)
+            return info
+        except vllm_compat.TimedPrefillUnsupported as exc:
+            reason = str(exc)
+    info["seconds"] = None
+    info["unsupported"] = reason
     return info
 
 
