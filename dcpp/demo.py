@@ -33,9 +33,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The tiny model's passes take milliseconds: time each profiling sample 3 times (fastest
 # counts) so a noisy neighbour on a shared 2-core machine does not spoil the fit.
 os.environ.setdefault("DCPP_PROFILE_REPEATS", "3")
-# Time every step around every prefill, so that each request's bubbles are measured (on CPU a
-# stage's compute is synchronous: timing costs nothing).
-os.environ.setdefault("DCPP_BUBBLE_SAMPLE_EVERY", "1")
+BUBBLE_ENV = "DCPP_BUBBLE_SAMPLE_EVERY"
+"""Set to 1 while `main` runs (engines inherit it): every step around every prefill is timed,
+so that each request's bubbles are measured (on CPU a stage's compute is synchronous: timing
+costs nothing). Restored afterwards: an in-process caller (a test) keeps its own setting."""
 
 
 def parse_args(argv):
@@ -83,6 +84,16 @@ class Ticker:
 
 
 def main(argv=None) -> int:
+    before = os.environ.get(BUBBLE_ENV)
+    os.environ.setdefault(BUBBLE_ENV, "1")
+    try:
+        return _main(argv)
+    finally:
+        if before is None:
+            os.environ.pop(BUBBLE_ENV, None)
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     from dcpp.integration.vllm import harness
 

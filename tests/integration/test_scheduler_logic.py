@@ -80,6 +80,7 @@ def runtime(tmp_path, monkeypatch, executor=None, **kw):
     from dcpp.integration.vllm.runtime import DcppRuntime
 
     monkeypatch.setenv("DCPP_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("DCPP_BUBBLE_SAMPLE_EVERY", raising=False)  # the default timing rate
     vc = fake_vllm_config(**kw)
     cfg = ProfilingChunkConfig.from_additional_config(vc.additional_config).check_engine(
         pipeline_parallel_size=2, enable_chunked_prefill=True, max_num_batched_tokens=BUDGET)
