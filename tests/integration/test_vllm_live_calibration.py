@@ -100,7 +100,8 @@ def test_starts_static_switches_to_dynamic_same_tokens(engine, caplog):
 
     # dcpp plans every prompt now. The default (pipeline) plan may keep the budget where the
     # fitted per-step cost says more chunks cost more than they save on this tiny model; the
-    # equal-time plan's chunks shrink as the history grows.
+    # equal-time plan is dcpp's (not the budget) and never grows with the history (how much it
+    # shrinks depends on the fit's history terms, which a noisy CPU fit may set to 0).
     after, rid = generate(engine, p)
     dynamic = chunks(rt, rid)
     start, planned = [v for k, v in rt.plan_log.items() if k.rsplit("-", 1)[0] == rid][0]
@@ -108,7 +109,8 @@ def test_starts_static_switches_to_dynamic_same_tokens(engine, caplog):
     equal, rid = generate(engine, p, plan="equal_time")
     eq = chunks(rt, rid)
     print("static", static, "pipeline plan", dynamic, "equal-time plan", eq)
-    assert sum(eq) == PROMPT_LEN and eq != static and eq[0] > eq[-2]
+    assert sum(eq) == PROMPT_LEN and eq != static
+    assert all(x >= y for x, y in zip(eq[:-1], eq[1:-1])), eq
     assert after == equal == before == off
     off_again, _ = generate(engine, p, plan="off")
     assert off_again == off
