@@ -39,6 +39,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Best of 3 per profiling pass (as `make demo`): single passes on shared CPUs carry outliers.
 os.environ.setdefault("DCPP_PROFILE_REPEATS", "3")
+# Time every step around every prefill, so that each request's bubbles are measured.
+os.environ.setdefault("DCPP_BUBBLE_SAMPLE_EVERY", "1")
 # EngineCore in this process, so the benchmark can read dcpp's scheduler state.
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
@@ -158,6 +160,8 @@ def main(argv=None) -> int:
         "num_observations": rt.num_observations, "num_refits": rt.num_refits,
         "stage_timing": rt.stage_timing, "overhead_s": rt.overhead_s(),
         "interval_error_median": rt.stats()["median_interval_error"],
+        # Measured stage idle share of each prefill (workers' step start/end times), per mode.
+        "bubbles": rt.stats()["bubbles"],
         "fit": rt.model.to_dict(),
         "model_ttft": model_ttft(rt, chunks),
         "step_log": list(rt.step_log),
@@ -210,6 +214,10 @@ def main(argv=None) -> int:
     print(f"per-stage step timing: {rt.stage_timing}; learnt per-step overhead "
           f"{1e3 * result['overhead_s']:.2f} ms; median step-interval prediction error "
           f"{100 * result['interval_error_median']:.1f}%")
+    bub = result["bubbles"]["by_plan"]
+    print("measured prefill bubble fraction (median over requests, from the workers' step "
+          "times): " + ", ".join(f"{LABEL.get(m, m)} {100 * v['median']:.1f}% (n={v['count']})"
+                                 for m, v in bub.items()))
     mr = result["model_ratios"]
     print("under the calibrated model (sum(s) + (P-1)*max(s), s incl. overhead): "
           + ", ".join(f"{k} {v:.3f}" for k, v in mr.items()) + " of static; "
