@@ -198,8 +198,6 @@ def stop_node(proc: subprocess.Popen, timeout: float = 60.0) -> list[int]:
     """SIGINT to the node's main process (vLLM's serve shuts down on it); wait up to `timeout`
     s for it and every process of its group; SIGKILL the survivors. Returns the PIDs that had
     to be killed (empty: the node shut down by itself)."""
-    import psutil
-
     procs = node_processes(proc)
     if proc.poll() is None:
         try:
@@ -213,14 +211,7 @@ def stop_node(proc: subprocess.Popen, timeout: float = 60.0) -> list[int]:
         if not procs:
             break
         time.sleep(0.2)
-    killed = []
-    for p in procs:
-        try:
-            p.kill()
-            killed.append(p.pid)
-        except psutil.Error:
-            pass
-    psutil.wait_procs(procs, timeout=5)
+    killed = reap(procs, timeout=0.0)  # the survivors
     try:
         proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
