@@ -100,6 +100,15 @@ class _Step:
         self.pending = pending
         self._work: tuple[float, dict[str, float]] | None = None
 
+    def grant(self, model: "LatencyModel | None", tokens: int, history: int) -> int:
+        """Give a prefill `tokens` this step: they leave the step's room and their predicted
+        time joins the step's (the fixed cost counted once; no model: room only)."""
+        if model is not None:
+            self.batch_s += float(model.predict_time(tokens, history)) - (
+                model.c if self.batch_s else 0.0)
+        self.prefill_room -= tokens
+        return tokens
+
     def pending_work(self, model: "LatencyModel") -> tuple[float, dict[str, float]]:
         """(total, per request) predicted seconds of the engine's pending prefill work, read
         once per step and only if a request asks."""
@@ -154,20 +163,13 @@ class ChunkSizer:
         step, model = self._step, self.model
         if step is not None and ask.fixed is not None and offered > 1 and remaining > 1:
             want = self._respect_boundaries(ask, max(1, min(ask.fixed, offered)))
-            if model is not None:
-                step.batch_s += float(model.predict_time(want, ask.history)) - (
-                    model.c if step.batch_s else 0.0)
-            step.prefill_room -= want
-            return want
+            return step.grant(model, want, ask.history)
         if (step is None or model is None or offered <= 1 or remaining <= 1
                 or ask.mode == PLAN_OFF):
             return offered
         if ask.mode == LOAD_AWARE_MODE and self.pipeline_fed(ask, model):
             self.num_stood_aside += 1
-            step.batch_s += float(model.predict_time(offered, ask.history)) - (
-                model.c if step.batch_s else 0.0)
-            step.prefill_room -= offered
-            return offered
+            return step.grant(model, offered, ask.history)
         plan = self._plan_for(ask)
         want = min(plan.chunks[0], offered, max(step.prefill_room, 1))
         own_s = float(model.predict_time(plan.chunks[0], ask.history))
@@ -178,11 +180,7 @@ class ChunkSizer:
             if fit < want:
                 want = int(fit) - int(fit) % self.align if fit >= self.align else int(fit)
         want = max(want, min(remaining, self.floor, offered), 1)
-        want = self._respect_boundaries(ask, min(want, offered))
-        step.batch_s += float(model.predict_time(want, ask.history)) - (
-            model.c if step.batch_s else 0.0)
-        step.prefill_room -= want
-        return want
+        return step.grant(model, self._respect_boundaries(ask, min(want, offered)), ask.history)
 
     def pipeline_fed(self, ask: Ask, model: LatencyModel) -> bool:
         """Whether other pending prefill work covers the drain after this request's last

@@ -105,14 +105,7 @@ def shutdown(llm: Any, timeout: float = 20.0) -> None:
         vllm_compat.shutdown_engine_core(llm)
     finally:
         gc.collect()
-        procs = [p for p in procs if not _is_resource_tracker(p)]
-        _, alive = psutil.wait_procs(procs, timeout=timeout)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=5)
+        reap([p for p in procs if not _is_resource_tracker(p)], timeout)
 
 
 def _is_resource_tracker(p: Any) -> bool:
