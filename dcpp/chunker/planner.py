@@ -14,7 +14,8 @@ model of the whole forward (t) and of one stage (t/P) give the same plans.
   depends on the chunking, a coarse DP) under the model, so never worse than equal-time.
 * `optimal_plan`: TeraPipe-style DP: for a cap M on chunk time, the least ``sum(s)`` over an
   aligned token grid; the best ``S(M) + (P-1)*max`` over M, found by branch and bound.
-* `lower_bound`: ``min_K sum_K * (1 + (P-1)/K)`` with a relaxation of ``sum_K``.
+* `lower_bound`: ``min_K L(K) + (P-1) * M(K)`` with relaxations of a K-chunk plan's summed
+  and largest step time.
 """
 
 from __future__ import annotations
@@ -103,6 +104,10 @@ def stage_times(model: HistoryLatencyModel, plan: list[int], history: int = 0) -
     return np.asarray(model.predict_time(c, h), dtype=float)
 
 
+RUN_MIN = 3
+"""`_Rule.sweep` takes a run of equal chunks in one step only if it is longer than this."""
+
+
 class _Rule:
     """The per-chunk rule with everything precomputed (the planners run it thousands of times).
 
@@ -145,44 +150,73 @@ class _Rule:
         merged = s_m + self.p1 * max(0.0, s_m - self.target)
         return rem if merged <= split else c
 
+    def _free(self, h: int) -> int:
+        """The rule's chunk at history ``h`` before the remaining-token, budget and
+        max_model_len clips: solved, smoothed, aligned down, floored, capped."""
+        c_s = self._solve(h)
+        if c_s >= self.cap:
+            return self.cap
+        c = int(c_s)
+        c -= c % self.align
+        return min(max(c, self.floor), self.cap)
+
     def chunk(self, h: int, rem: int) -> int:
         hard = min(rem, self.base, self.max_len - h)
         if self.sigma == 0 or hard <= 0:
             return max(hard, 0)
-        c_s = self._solve(h)
-        if c_s >= self.cap:
-            c = self.cap
-        else:
-            c = max(int(c_s) - int(c_s) % self.align, self.floor)
-        c = min(c, self.cap, hard)
+        c = min(self._free(h), hard)
         if 0 < rem - c and rem <= hard:
             c = self._merge_tail(h, rem, c)
         return c
 
+    def _run_end(self, h: int, c: int, n: int) -> int:
+        """The length of the run of chunks ``c`` from history ``h`` (the free chunk there),
+        given an estimate ``n`` that may overshoot: checked with `_free` at the estimate's
+        last chunk, bisected if the free chunk has already shrunk there (it never grows with
+        the history: coefficients >= 0)."""
+        if self._free(h + (n - 1) * c) == c:
+            return n
+        lo, hi = 1, n - 1  # the free chunk is c at run index lo - 1 and may not be at hi
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self._free(h + (mid - 1) * c) == c:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
     def sweep(self, prompt_len: int, history: int,
               keep: bool = True) -> tuple[list[int], int, float, float]:
         """(plan, chunks, summed time, largest time) of the rule over the prompt; ``plan`` is
-        empty unless ``keep``. Same chunks as calling `chunk` repeatedly (a test checks)."""
-        a, b_, g, d, c0 = self.a, self.b_, self.g, self.d, self.c
-        target, base, sigma = self.target, self.base, self.sigma
-        cap, floor, align, max_len = self.cap, self.floor, self.align, self.max_len
-        if sigma == 0 or a <= 0:
+        empty unless ``keep``. The chunks of `chunk` called repeatedly (a test checks), with
+        each run of equal chunks one step (a 1M-token prompt's ~1200 chunks are a few dozen
+        runs) and the same arithmetic inline (the planners' inner loop)."""
+        if self.sigma == 0:
             plan = self._slow_plan(prompt_len, history)
             s = [self.t(c, h) for c, h in zip(plan, _starts(plan, history))]
             return (plan if keep else []), len(plan), float(sum(s)), float(max(s))
+        a, b_, g, d, c0 = self.a, self.b_, self.g, self.d, self.c
+        target, base, sigma = self.target, self.base, self.sigma
+        cap, floor, align, max_len = self.cap, self.floor, self.align, self.max_len
         plan: list[int] = []
         h, rem, k, tot, mx = history, prompt_len, 0, 0.0, 0.0
         g_t = c0 - target
+        prev = tried = 0
         while rem > 0:
             hard = rem if rem < base else base
             if max_len - h < hard:
                 hard = max_len - h
                 if hard <= 0:
                     raise ValueError(f"no room for a chunk at history={h} (max_model_len={max_len})")
+            # The free chunk (`_free`) inline.
             qb = b_ * h + g
             qc = d * h + g_t
-            c_s = base - sigma * base if qc >= 0 else (
-                base + sigma * ((-2.0 * qc) / (qb + math.sqrt(qb * qb - 4.0 * a * qc)) - base))
+            if qc >= 0:
+                c_s = base - sigma * base
+            elif a > 0:
+                c_s = base + sigma * ((-2.0 * qc) / (qb + math.sqrt(qb * qb - 4.0 * a * qc)) - base)
+            else:
+                c_s = base + sigma * (-qc / qb - base) if qb > 0 else math.inf
             if c_s >= cap:
                 c = cap
             else:
@@ -194,8 +228,37 @@ class _Rule:
                     c = cap
             if c > hard:
                 c = hard
-            if c < rem and rem <= hard:
+            elif c < rem and rem <= hard:
                 c = self._merge_tail(h, rem, c)
+            elif c == prev and c != tried and rem > base + RUN_MIN * c:
+                # A run of c, looked for once, at its second chunk (most chunks differ from
+                # the last): until the tail rules or max_model_len could clip a chunk, and
+                # (unless c is the floor, which stays) while the solved chunk is at least
+                # c_min, the smallest that still gives c, i.e. while t(c_min, h) <= target.
+                tried = c
+                n = min((rem - base - 1) // c, (max_len - h - c) // c) + 1
+                if c > floor:
+                    c_min = base - (base - c) / sigma
+                    slope = b_ * c_min + d
+                    if c_min > 0 and slope > 0:
+                        span = (target - a * c_min * c_min - g * c_min - c0) / slope - h
+                        n = min(n, int(span // c) + 1) if span >= c else 1
+                if n > RUN_MIN:  # checking a run costs about as much as three chunks
+                    n = self._run_end(h, c, n)
+                    # The run's chunks j = 0..n-1 take first + j * step seconds.
+                    first = a * c * c + b_ * c * h + g * c + d * h + c0
+                    step = (b_ * c + d) * c
+                    tot += n * first + step * (n * (n - 1) // 2)
+                    last = first + step * (n - 1)
+                    if last > mx:
+                        mx = last
+                    if keep:
+                        plan.extend([c] * n)
+                    k += n
+                    h += n * c
+                    rem -= n * c
+                    continue
+            prev = c
             s = a * c * c + b_ * c * h + g * c + d * h + c0
             tot += s
             if s > mx:
@@ -271,8 +334,24 @@ BISECT_RTOL = 1e-3
 it moves the plan's objective by far less: only the last chunk changes)."""
 
 OBJ_RTOL = 1e-4
-"""Share of the objective the search may leave: the walk over chunk counts treats a smaller
-gain as none, and the target of each count is found only as precisely as this requires."""
+"""Share of the objective the walk over chunk counts treats as no gain."""
+
+OBJ_ATOL_S = 1e-3
+"""Seconds of the objective one count's target search may leave (at least `OBJ_RTOL` of it,
+at most `OBJ_RTOL_MAX`): the models are per stage, so the objective is a predicted TTFT, and
+a millisecond of it is worth less than the passes that would find it inside the scheduler's
+step (cold-cache passes cost ~0.1 ms each there, paid by every request in the step)."""
+
+OBJ_RTOL_MAX = 1e-3
+PATIENCE = 1
+"""Largest share of the objective one count's target search may leave (short prompts)."""
+
+
+def search_rtol(objective: float) -> float:
+    """The share of an ``objective`` (seconds) one count's target search may leave."""
+    if objective <= 0:
+        return OBJ_RTOL
+    return min(max(OBJ_RTOL, OBJ_ATOL_S / objective), OBJ_RTOL_MAX)
 
 
 class _TargetSearch:
@@ -289,6 +368,8 @@ class _TargetSearch:
         self.rule = _Rule(model, spec, 0.0)
         self.n, self.h = prompt_len, history
         self.c0 = float(model.predict_time(0, history))  # a step with no new tokens
+        self.obj_rtol = OBJ_RTOL
+        """Share of the objective the search may leave (`search_rtol`)."""
         self.runs: dict[float, tuple[int, float, float, float]] = {}
         """target -> (chunks, kappa, summed time, largest time)."""
         self._plans: dict[float, list[int]] = {}
@@ -352,9 +433,9 @@ class _TargetSearch:
         p1 = self.rule.p1
         while hi - lo > rtol * hi:
             chunks, kappa = self.runs[hi][:2]
-            if chunks == k and p1 * (k - kappa) <= OBJ_RTOL * k * (k + p1):
+            if chunks == k and p1 * (k - kappa) <= self.obj_rtol * k * (k + p1):
                 # Close enough: with the last chunk this full, the boundary lies at most ~
-                # (1 - fill) / k below hi, worth < OBJ_RTOL of the objective ~ (k + p1) * m.
+                # (1 - fill) / k below hi, worth < obj_rtol of the objective ~ (k + p1) * m.
                 break
             gap = rtol * hi
             guess = math.sqrt(lo * hi) if lo > 0 else 0.5 * (lo + hi)
@@ -402,18 +483,20 @@ def pipeline_plan(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
 
     # Start at the chunk count minimising the lower bound's relaxation (the model's own
     # terms, no alignment or budget caps), then walk over the distinct plans on both sides
-    # while the objective improves by more than OBJ_RTOL. The answer is the cheapest pass
-    # seen: the tail-merge and smoothing rules make the objective uneven within a count.
-    ks, work = _bound_curve(model, prompt_len, spec, history)
-    bound = work * (1 + p1 / ks)  # [K] no K-chunk plan has a smaller objective
+    # while the objective improves by more than OBJ_RTOL of it. The answer is the
+    # cheapest pass seen: the tail-merge and smoothing rules make the objective uneven within
+    # a count.
+    ks, work, top_bound = _bound_curve(model, prompt_len, spec, history)
+    bound = work + p1 * top_bound  # [K] no K-chunk plan has a smaller objective
     i0 = int(np.argmin(bound))
     k0 = min(max(int(ks[i0]), k_min), k_max)
-    search.run(min(max(bound[i0] / (ks[i0] + p1), m_lo), m_hi))  # its mean step time
+    search.obj_rtol = obj_rtol = search_rtol(float(bound[i0]))
+    search.run(min(max(float(top_bound[i0]), m_lo), m_hi))  # its bound on the largest step
 
     def rtol(k: int) -> float:
         """Target precision for k chunks: a target x above the boundary raises the objective
-        ~ (k + p1) * m by ~ p1 * x * m, so OBJ_RTOL of the objective allows this much."""
-        return max(BISECT_RTOL, OBJ_RTOL * (k + p1) / p1)
+        ~ (k + p1) * m by ~ p1 * x * m, so obj_rtol of the objective allows this much."""
+        return max(BISECT_RTOL, obj_rtol * (k + p1) / p1)
 
     scores: dict[int, float] = {}  # chunk count -> objective of its smallest-target plan
     below: dict[int, int] = {}  # chunk count -> the next larger count that has a plan
@@ -429,7 +512,7 @@ def pipeline_plan(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
     k = score(k0)
     for up in (True, False):
         cur, worse = k, 0
-        while worse < 1:
+        while worse < PATIENCE:
             nxt = below[cur] if up else cur - 1
             if not k_min <= nxt <= k_max or nxt == cur:
                 break
@@ -590,18 +673,21 @@ def optimal_plan(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec, hi
 
 
 def lower_bound(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec, history: int = 0) -> float:
-    """A TTFT no plan within the limits can beat: ``min_K L(K) * (1 + (P-1)/K)`` where L(K)
+    """A TTFT no plan within the limits can beat: ``min_K L(K) + (P-1) * M(K)`` where L(K)
     lower-bounds the summed stage time of any K-chunk plan (exact when the model telescopes,
-    as ``--cost`` does: L(K) = work + K*c)."""
+    as ``--cost`` does: L(K) = work + K*c) and M(K) its largest step: at least the mean
+    L(K)/K and, for K >= 2, the time of a floor-sized chunk where the second-to-last chunk
+    starts at the earliest (the last two are at most budget and cap long)."""
     check_prompt(prompt_len, history, spec)
-    k, work = _bound_curve(model, prompt_len, spec, history)
-    return float(np.min(work * (1 + (spec.num_stages - 1) / k)))
+    _, work, top = _bound_curve(model, prompt_len, spec, history)
+    return float(np.min(work + (spec.num_stages - 1) * top))
 
 
 def _bound_curve(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
-                 history: int) -> tuple[np.ndarray, np.ndarray]:
-    """([K] chunk counts, [K] L(K)): the counts the limits allow and a lower bound on the
-    summed stage time of any plan with that many chunks (seconds)."""
+                 history: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """([K] chunk counts, [K] L(K), [K] M(K)): the counts the limits allow, and lower bounds
+    on the summed and the largest stage time of any plan with that many chunks (seconds;
+    see `lower_bound`)."""
     n, h0, m = float(prompt_len), float(history), model
     k_lo = -(-prompt_len // spec.max_num_batched_tokens)
     k_hi = max(k_lo, prompt_len // spec.floor + 1)
@@ -610,4 +696,7 @@ def _bound_curve(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
     quad = m.beta * ((h0 + n) ** 2 - h0 ** 2) / 2
     coef = m.alpha - m.beta / 2
     sum_sq = n * n / k if coef >= 0 else np.full_like(k, n * min(n, spec.max_num_batched_tokens))
-    return k, quad + coef * sum_sq + m.gamma * n + m.delta * k * h0 + k * m.c
+    work = quad + coef * sum_sq + m.gamma * n + m.delta * k * h0 + k * m.c
+    start = history + max(0, prompt_len - spec.cap - spec.max_num_batched_tokens)
+    floored = float(m.predict_time(spec.floor, start))
+    return k, work, np.maximum(work / k, np.where(k >= 2, floored, 0.0))
