@@ -9,7 +9,7 @@ so machine noise hits both alike) and dcpp's addition at p99, the steps the
 workers timed (and synchronised on) out of all steps, and the time to plan one 1M-token
 prompt from scratch.
 
-    .venv/bin/python benchmarks/scheduler_overhead.py [--steps 600] [--json out.json]
+    .venv/bin/python benchmarks/scheduler_overhead.py [--steps 2000] [--json out.json]
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def plan_1m(model_dir) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)

@@ -169,6 +169,24 @@ class _Rule:
             c = self._merge_tail(h, rem, c)
         return c
 
+    def run_times(self, c: int, h: int, n: int) -> tuple[float, float]:
+        """(summed, last) time of ``n`` chunks of ``c`` from history ``h``: chunk j takes
+        t(c, h) + j * (beta*c + delta) * c, an arithmetic series."""
+        first = self.t(c, h)
+        step = (self.b_ * c + self.d) * c
+        return n * first + step * (n * (n - 1) // 2), first + step * (n - 1)
+
+    def static_terms(self, prompt_len: int, history: int) -> tuple[int, float, float]:
+        """(chunks, summed time, largest time) of `static_plan`: budget-sized chunks, the last
+        one shorter."""
+        b = self.base
+        full, rest = divmod(prompt_len, b)
+        tot, mx = self.run_times(b, history, full) if full else (0.0, 0.0)
+        if rest:
+            last = self.t(rest, history + full * b)
+            tot, mx = tot + last, max(mx, last)
+        return full + (1 if rest else 0), tot, mx
+
     def _run_end(self, h: int, c: int, n: int) -> int:
         """The length of the run of chunks ``c`` from history ``h`` (the free chunk there),
         given an estimate ``n`` that may overshoot: checked with `_free` at the estimate's
@@ -245,11 +263,8 @@ class _Rule:
                         n = min(n, int(span // c) + 1) if span >= c else 1
                 if n > RUN_MIN:  # checking a run costs about as much as three chunks
                     n = self._run_end(h, c, n)
-                    # The run's chunks j = 0..n-1 take first + j * step seconds.
-                    first = a * c * c + b_ * c * h + g * c + d * h + c0
-                    step = (b_ * c + d) * c
-                    tot += n * first + step * (n * (n - 1) // 2)
-                    last = first + step * (n - 1)
+                    run_tot, last = self.run_times(c, h, n)
+                    tot += run_tot
                     if last > mx:
                         mx = last
                     if keep:
@@ -343,7 +358,6 @@ a millisecond of it is worth less than the passes that would find it inside the 
 step (cold-cache passes cost ~0.1 ms each there, paid by every request in the step)."""
 
 OBJ_RTOL_MAX = 1e-3
-PATIENCE = 1
 """Largest share of the objective one count's target search may leave (short prompts)."""
 
 
@@ -417,9 +431,11 @@ class _TargetSearch:
         return min(self.runs, key=lambda m: (self.runs[m][2] + p1 * self.runs[m][3],
                                              self.runs[m][0]))
 
-    def plan(self, m: float) -> list[int]:
-        self.run(m)
-        return list(self._plans[m])
+    def best(self, p1: int) -> tuple[list[int], float]:
+        """(plan, objective) of the cheapest pass run."""
+        m = self.cheapest(p1)
+        r = self.runs[m]
+        return list(self._plans[m]), r[2] + p1 * r[3]
 
     def smallest_target(self, k: int, m_lo: float, m_hi: float,
                         rtol: float) -> tuple[float, int]:
@@ -468,6 +484,13 @@ def pipeline_plan(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
     check_prompt(prompt_len, history, spec)
     if spec.smooth_factor == 0:
         return static_plan(prompt_len, spec, history)
+    return _pipeline_search(model, prompt_len, spec, history)[0]
+
+
+def _pipeline_search(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
+                     history: int) -> tuple[list[int], float]:
+    """(`pipeline_plan`, its objective in seconds); no numpy (planning runs inside the
+    scheduler's step, where every extra library call is a cold one)."""
     p1 = spec.num_stages - 1
     search = _TargetSearch(model, prompt_len, spec, history)
     m_lo = float(model.predict_time(1, history))  # every chunk at its floor
@@ -479,19 +502,17 @@ def pipeline_plan(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
     if p1 == 0 or k_min >= k_max:  # nothing to trade: the budget-sized or equal-time plan
         search.run(m_hi)
         search.run(equal_time_target(model, spec))
-        return search.plan(search.cheapest(p1))
+        return search.best(p1)
 
     # Start at the chunk count minimising the lower bound's relaxation (the model's own
     # terms, no alignment or budget caps), then walk over the distinct plans on both sides
     # while the objective improves by more than OBJ_RTOL of it. The answer is the
     # cheapest pass seen: the tail-merge and smoothing rules make the objective uneven within
     # a count.
-    ks, work, top_bound = _bound_curve(model, prompt_len, spec, history)
-    bound = work + p1 * top_bound  # [K] no K-chunk plan has a smaller objective
-    i0 = int(np.argmin(bound))
-    k0 = min(max(int(ks[i0]), k_min), k_max)
-    search.obj_rtol = obj_rtol = search_rtol(float(bound[i0]))
-    search.run(min(max(float(top_bound[i0]), m_lo), m_hi))  # its bound on the largest step
+    k0, bound0, top0 = _bound_argmin(model, prompt_len, spec, history)
+    k0 = min(max(k0, k_min), k_max)
+    search.obj_rtol = obj_rtol = search_rtol(bound0)
+    search.run(min(max(top0, m_lo), m_hi))  # its bound on the largest step
 
     def rtol(k: int) -> float:
         """Target precision for k chunks: a target x above the boundary raises the objective
@@ -512,7 +533,7 @@ def pipeline_plan(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
     k = score(k0)
     for up in (True, False):
         cur, worse = k, 0
-        while worse < PATIENCE:
+        while worse < 1:
             nxt = below[cur] if up else cur - 1
             if not k_min <= nxt <= k_max or nxt == cur:
                 break
@@ -522,19 +543,9 @@ def pipeline_plan(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
             # Near the optimum the objective is flat: a gain below OBJ_RTOL counts as none.
             worse = worse + 1 if scores[nxt] > scores[cur] * (1 - OBJ_RTOL) else 0
             cur = nxt
-    # Never worse than the equal-time plan: run it unless the bound rules it out. Its chunks
-    # but the last take at most `top` each (its target, or the floor or, smoothed, the cap
-    # above it), the last at most m_hi, so its count k has L(k) <= (k - 1) * top + m_hi, and
-    # its objective is at least bound(k).
-    m_et = equal_time_target(model, spec)
-    h_end = history + prompt_len
-    top = max(m_et if spec.smooth_factor == 1 else float(model.predict_time(spec.cap, h_end)),
-              float(model.predict_time(spec.floor, h_end)))
-    possible = work <= (ks - 1) * top + m_hi
-    best_seen = min(r[2] + p1 * r[3] for r in search.runs.values())  # seconds
-    if possible.any() and float(bound[possible].min()) < best_seen:
-        search.run(m_et)
-    return search.plan(search.cheapest(p1))
+    # Never worse than the equal-time plan (one more pass; bounding it out costs as much).
+    search.run(equal_time_target(model, spec))
+    return search.best(p1)
 
 
 def default_plan(model: HistoryLatencyModel | None, prompt_len: int, spec: PlanSpec,
@@ -547,28 +558,32 @@ def default_plan(model: HistoryLatencyModel | None, prompt_len: int, spec: PlanS
         return equal_time_plan(model, prompt_len, spec, history)
     if mode != "pipeline":
         raise ValueError(f"mode={mode!r} must be one of pipeline, equal_time, static")
-    cands = [pipeline_plan(model, prompt_len, spec, history),  # includes the equal-time plan
-             static_plan(prompt_len, spec, history)]
-    if spec.smooth_factor == 1 and _chunking_matters(model, prompt_len, spec, history):
+    check_prompt(prompt_len, history, spec)
+    p1 = spec.num_stages - 1
+    rule = _Rule(model, spec, 0.0)
+    _, work, top = rule.static_terms(prompt_len, history)
+    cands = [_pipeline_search(model, prompt_len, spec, history),  # with the equal-time plan
+             (static_plan(prompt_len, spec, history), work + p1 * top)]
+    if spec.smooth_factor == 1 and _chunking_matters(model, prompt_len, spec, history, work):
         # Equal-time chunks are optimal for a fixed chunk count only when the work telescopes;
         # otherwise (prefix term delta, beta != 2*alpha) a coarse DP finds the better shape.
         try:
-            cands.append(optimal_plan(model, prompt_len, spec, history,
-                                      max_points=DEFAULT_DP_POINTS, rel_tol=1e-3))
+            dp = optimal_plan(model, prompt_len, spec, history, max_points=DEFAULT_DP_POINTS,
+                              rel_tol=1e-3)
+            cands.append((dp, plan_cost(model, dp, spec.num_stages, history)))
         except ValueError:
             pass  # no plan on the coarse grid fits the limits: the rule's plans remain
-    return min(cands, key=lambda pl: (plan_cost(model, pl, spec.num_stages, history), len(pl)))
+    return min(cands, key=lambda pc: (pc[1], len(pc[0])))[0]
 
 
 def _chunking_matters(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
-                      history: int) -> bool:
-    """Whether the prompt's work can depend on its chunking by more than `DP_WORTH` of it:
-    the non-telescoping part of the attention term, |beta - 2*alpha| * (N^2/2 + N*H), plus
-    the prefix term delta * H per chunk over the most chunks the floor allows. Fitted models
-    are never exactly telescoping; where this is negligible the DP cannot find a better
-    shape and is skipped."""
+                      history: int, work: float) -> bool:
+    """Whether the prompt's work (``work``: the static plan's summed time) can depend on its
+    chunking by more than `DP_WORTH` of it: the non-telescoping part of the attention term,
+    |beta - 2*alpha| * (N^2/2 + N*H), plus the prefix term delta * H per chunk over the most
+    chunks the floor allows. Fitted models are never exactly telescoping; where this is
+    negligible the DP cannot find a better shape and is skipped."""
     n, h = float(prompt_len), float(history)
-    work = float(stage_times(model, static_plan(prompt_len, spec, history), history).sum())
     quad = abs(model.beta - 2.0 * model.alpha) * (n * n / 2.0 + n * h)
     prefix = model.delta * (h + n) * (-(-prompt_len // spec.floor))
     return quad + prefix > DP_WORTH * work
@@ -683,20 +698,56 @@ def lower_bound(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec, his
     return float(np.min(work + (spec.num_stages - 1) * top))
 
 
+def _bound_argmin(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
+                  history: int) -> tuple[int, float, float]:
+    """(K, bound, M(K)) at the count minimising `lower_bound`'s L(K) + (P-1) * M(K), by
+    ternary search over the integers (both terms are convex in K), in plain Python."""
+    p1 = spec.num_stages - 1
+    ks, work, top = _bound_terms(model, prompt_len, spec, history)
+
+    def f(k: int) -> float:
+        return work(k) + p1 * top(k)
+
+    lo, hi = ks
+    while hi - lo > 2:
+        m1, m2 = lo + (hi - lo) // 3, hi - (hi - lo) // 3
+        if f(m1) <= f(m2):
+            hi = m2
+        else:
+            lo = m1
+    k = min(range(lo, hi + 1), key=f)
+    return k, f(k), top(k)
+
+
 def _bound_curve(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
                  history: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """([K] chunk counts, [K] L(K), [K] M(K)): the counts the limits allow, and lower bounds
-    on the summed and the largest stage time of any plan with that many chunks (seconds;
-    see `lower_bound`)."""
+    """([K] chunk counts, [K] L(K), [K] M(K)) over the counts the limits allow (seconds)."""
+    (k_lo, k_hi), work, top = _bound_terms(model, prompt_len, spec, history)
+    k = np.arange(k_lo, k_hi + 1, dtype=float)  # [K candidates]
+    return k, work(k), top(k)
+
+
+def _bound_terms(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec, history: int):
+    """((K_lo, K_hi), L, M): the chunk counts the limits allow, and lower bounds L(K) and M(K)
+    on the summed and the largest stage time of any K-chunk plan (see `lower_bound`), as
+    functions of an int K or an array of them."""
     n, h0, m = float(prompt_len), float(history), model
     k_lo = -(-prompt_len // spec.max_num_batched_tokens)
     k_hi = max(k_lo, prompt_len // spec.floor + 1)
-    k = np.arange(k_lo, k_hi + 1, dtype=float)  # [K candidates]
-    # sum alpha*C^2 + beta*C*H = (alpha - beta/2)*sum C^2 + beta*((h0+n)^2 - h0^2)/2
+    # sum alpha*C^2 + beta*C*H = (alpha - beta/2)*sum C^2 + beta*((h0+n)^2 - h0^2)/2, and
+    # sum C^2 >= n^2 / K (or, when it counts negatively, <= n * budget).
     quad = m.beta * ((h0 + n) ** 2 - h0 ** 2) / 2
     coef = m.alpha - m.beta / 2
-    sum_sq = n * n / k if coef >= 0 else np.full_like(k, n * min(n, spec.max_num_batched_tokens))
-    work = quad + coef * sum_sq + m.gamma * n + m.delta * k * h0 + k * m.c
+    fixed = quad + m.gamma * n + (0.0 if coef >= 0 else coef * n * min(n, spec.max_num_batched_tokens))
     start = history + max(0, prompt_len - spec.cap - spec.max_num_batched_tokens)
     floored = float(m.predict_time(spec.floor, start))
-    return k, work, np.maximum(work / k, np.where(k >= 2, floored, 0.0))
+
+    def work(k):
+        return fixed + (coef * n * n / k if coef >= 0 else 0.0) + m.delta * k * h0 + k * m.c
+
+    def top(k):
+        if isinstance(k, np.ndarray):
+            return np.maximum(work(k) / k, np.where(k >= 2, floored, 0.0))
+        return max(work(k) / k, floored) if k >= 2 else work(k) / k
+
+    return (k_lo, k_hi), work, top
