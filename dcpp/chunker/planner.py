@@ -9,339 +9,36 @@ model of the whole forward (t) and of one stage (t/P) give the same plans.
 * `pipeline_plan`: the same per-chunk rule with the target time chosen by dcpp: for chunk
   counts K around the lower bound's best K, the smallest target giving K chunks (equal-time K
   chunks), walking while the objective improves (more chunks shrink the fill/drain term, each
-  costs the fixed step cost c); a few rule passes, ~6 at 1M tokens.
+  costs the fixed step cost c); a few rule passes (median 6 for 16k-32k tokens, 5 at 1M).
 * `default_plan`: the best of pipeline, equal-time and static (and, for models whose work
   depends on the chunking, a coarse DP) under the model, so never worse than equal-time.
 * `optimal_plan`: TeraPipe-style DP: for a cap M on chunk time, the least ``sum(s)`` over an
   aligned token grid; the best ``S(M) + (P-1)*max`` over M, found by branch and bound.
 * `lower_bound`: ``min_K L(K) + (P-1) * M(K)`` with relaxations of a K-chunk plan's summed
   and largest step time.
+
+The rule and the fixed plans live in `rule.py`, the bound in `bounds.py`, the DP in
+`optimal.py`; this module holds the search and re-exports them.
 """
 
 from __future__ import annotations
 
-import heapq
 import math
-from dataclasses import dataclass
 
-import numpy as np
-
+from dcpp.chunker.bounds import bound_argmin, bound_with_steps_below, lower_bound
 from dcpp.chunker.latency_model import HistoryLatencyModel
+from dcpp.chunker.optimal import optimal_plan
+from dcpp.chunker.rule import (ALIGN_MIN, PlanSpec, Rule, check_prompt, equal_time_plan,
+                               equal_time_target, plan_cost, rule_chunk, rule_plan,
+                               stage_times, static_plan)
+
+__all__ = ["ALIGN_MIN", "PlanSpec", "Rule", "check_prompt", "default_plan", "equal_time_plan",
+           "equal_time_target", "lower_bound", "opens_with_budget", "optimal_plan",
+           "pipeline_plan", "plan_cost", "rule_chunk", "rule_plan", "search_rtol",
+           "stage_times", "static_plan"]
 
 DEFAULT_DP_POINTS = 256
 """Grid boundaries of the coarse DP candidate in `default_plan`."""
-
-ALIGN_MIN = 64
-"""Chunks but the last are multiples of max(page_size, ALIGN_MIN) tokens."""
-
-
-@dataclass(frozen=True)
-class PlanSpec:
-    """Engine limits and knobs every plan obeys (tokens unless noted)."""
-
-    max_num_batched_tokens: int
-    """Step budget B: no chunk is larger; the static chunk size and the equal-time base."""
-    max_model_len: int
-    """history + chunk never exceeds this."""
-    num_stages: int = 2
-    """Pipeline stages P (objective ``sum(s) + (P-1)*max(s)``)."""
-    min_chunk: int = 4096
-    """Floor on every chunk but the last (clamped to the budget)."""
-    page_size: int = 16
-    """KV page size; alignment is max(page_size, 64)."""
-    smooth_factor: float = 1.0
-    """sigma: chunk = B + sigma*(predicted - B); 0 reproduces static chunking."""
-
-    def __post_init__(self) -> None:
-        for name in ("max_num_batched_tokens", "max_model_len", "num_stages", "min_chunk",
-                     "page_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}={v!r} must be an int >= 1")
-        s = self.smooth_factor
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s <= 1:
-            raise ValueError(f"smooth_factor={s!r} must be a number in [0, 1]")
-
-    @property
-    def align(self) -> int:
-        return max(self.page_size, ALIGN_MIN)
-
-    @property
-    def cap(self) -> int:
-        """Largest non-final chunk: the budget aligned down (the budget itself if < align)."""
-        b = self.max_num_batched_tokens
-        return b if b < self.align else b - b % self.align
-
-    @property
-    def floor(self) -> int:
-        """Smallest non-final chunk: min_chunk aligned up, at most `cap`."""
-        return min(-(-self.min_chunk // self.align) * self.align, self.cap)
-
-
-def check_prompt(prompt_len: int, history: int, spec: PlanSpec) -> None:
-    if isinstance(prompt_len, bool) or not isinstance(prompt_len, (int, np.integer)) or prompt_len < 1:
-        raise ValueError(f"prompt_len={prompt_len!r} must be an int >= 1 (tokens to prefill)")
-    if isinstance(history, bool) or not isinstance(history, (int, np.integer)) or history < 0:
-        raise ValueError(f"history={history!r} must be an int >= 0 (cached tokens)")
-    if history + prompt_len > spec.max_model_len:
-        raise ValueError(
-            f"history + prompt_len = {history + prompt_len} exceeds max_model_len="
-            f"{spec.max_model_len}; fix: raise max_model_len or shorten the prompt"
-        )
-
-
-# ---------------------------------------------------------------------------------------------
-def plan_cost(model: HistoryLatencyModel, plan: list[int], num_stages: int, history: int = 0) -> float:
-    """TTFT ``sum(s) + (P-1)*max(s)`` of ``plan`` with s from ``model`` (seconds)."""
-    s = stage_times(model, plan, history)
-    return float(s.sum() + (num_stages - 1) * s.max())
-
-
-def stage_times(model: HistoryLatencyModel, plan: list[int], history: int = 0) -> np.ndarray:
-    """[K] seconds of each chunk of ``plan`` started at ``history``."""
-    c = np.asarray(plan, dtype=float)
-    h = history + np.concatenate([[0.0], np.cumsum(c)[:-1]])
-    return np.asarray(model.predict_time(c, h), dtype=float)
-
-
-RUN_MIN = 3
-"""`_Rule.sweep` takes a run of equal chunks in one step only if it is longer than this."""
-
-
-class _Rule:
-    """The per-chunk rule with everything precomputed (the planners run it thousands of times).
-
-    `chunk` is the rule for one chunk; `sweep` applies it to a whole prompt in one loop with
-    the same arithmetic (the planners' inner loop: a pass over a 1M-token prompt is ~1300
-    chunks) and also returns the chunks' summed and largest predicted time."""
-
-    __slots__ = ("a", "b_", "g", "d", "c", "target", "base", "sigma", "cap", "floor", "align",
-                 "max_len", "p1")
-
-    def __init__(self, model: HistoryLatencyModel, spec: PlanSpec, target: float) -> None:
-        self.a, self.b_, self.g, self.d, self.c = (model.alpha, model.beta, model.gamma,
-                                                   model.delta, model.c)
-        self.target = float(target)
-        self.base, self.sigma = spec.max_num_batched_tokens, float(spec.smooth_factor)
-        self.cap, self.floor, self.align = spec.cap, spec.floor, spec.align
-        self.max_len, self.p1 = spec.max_model_len, spec.num_stages - 1
-
-    def t(self, c: float, h: float) -> float:
-        return self.a * c * c + self.b_ * c * h + self.g * c + self.d * h + self.c
-
-    def _solve(self, h: int) -> float:
-        """Smoothed real chunk at history ``h``: the largest C with t(C, h) <= target (the
-        stable root of a*C^2 + qb*C + qc = 0), moved towards the budget by sigma."""
-        qb = self.b_ * h + self.g
-        qc = self.d * h + self.c - self.target
-        if qc >= 0:
-            c_star = 0.0
-        elif self.a > 0:
-            c_star = (-2.0 * qc) / (qb + math.sqrt(qb * qb - 4.0 * self.a * qc))
-        else:
-            c_star = -qc / qb if qb > 0 else math.inf
-        return self.base + self.sigma * (c_star - self.base) if c_star != math.inf else math.inf
-
-    def _merge_tail(self, h: int, rem: int, c: int) -> int:
-        """``rem`` (one merged last chunk) instead of ``c`` when a separate tail chunk would
-        cost the pipeline more."""
-        s_m, s_c, s_t = self.t(rem, h), self.t(c, h), self.t(rem - c, h + c)
-        split = s_c + s_t + self.p1 * max(0.0, max(s_c, s_t) - self.target)
-        merged = s_m + self.p1 * max(0.0, s_m - self.target)
-        return rem if merged <= split else c
-
-    def _free(self, h: int) -> int:
-        """The rule's chunk at history ``h`` before the remaining-token, budget and
-        max_model_len clips: solved, smoothed, aligned down, floored, capped."""
-        c_s = self._solve(h)
-        if c_s >= self.cap:
-            return self.cap
-        c = int(c_s)
-        c -= c % self.align
-        return min(max(c, self.floor), self.cap)
-
-    def chunk(self, h: int, rem: int) -> int:
-        hard = min(rem, self.base, self.max_len - h)
-        if self.sigma == 0 or hard <= 0:
-            return max(hard, 0)
-        c = min(self._free(h), hard)
-        if 0 < rem - c and rem <= hard:
-            c = self._merge_tail(h, rem, c)
-        return c
-
-    def run_times(self, c: int, h: int, n: int) -> tuple[float, float]:
-        """(summed, last) time of ``n`` chunks of ``c`` from history ``h``: chunk j takes
-        t(c, h) + j * (beta*c + delta) * c, an arithmetic series."""
-        first = self.t(c, h)
-        step = (self.b_ * c + self.d) * c
-        return n * first + step * (n * (n - 1) // 2), first + step * (n - 1)
-
-    def static_terms(self, prompt_len: int, history: int) -> tuple[int, float, float]:
-        """(chunks, summed time, largest time) of `static_plan`: budget-sized chunks, the last
-        one shorter."""
-        b = self.base
-        full, rest = divmod(prompt_len, b)
-        tot, mx = self.run_times(b, history, full) if full else (0.0, 0.0)
-        if rest:
-            last = self.t(rest, history + full * b)
-            tot, mx = tot + last, max(mx, last)
-        return full + (1 if rest else 0), tot, mx
-
-    def _run_end(self, h: int, c: int, n: int) -> int:
-        """The length of the run of chunks ``c`` from history ``h`` (the free chunk there),
-        given an estimate ``n`` that may overshoot: checked with `_free` at the estimate's
-        last chunk, bisected if the free chunk has already shrunk there (it never grows with
-        the history: coefficients >= 0)."""
-        if self._free(h + (n - 1) * c) == c:
-            return n
-        lo, hi = 1, n - 1  # the free chunk is c at run index lo - 1 and may not be at hi
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if self._free(h + (mid - 1) * c) == c:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
-
-    def sweep(self, prompt_len: int, history: int,
-              keep: bool = True) -> tuple[list[int], int, float, float]:
-        """(plan, chunks, summed time, largest time) of the rule over the prompt; ``plan`` is
-        empty unless ``keep``. The chunks of `chunk` called repeatedly (a test checks), with
-        each run of equal chunks one step (a 1M-token prompt's ~1200 chunks are a few dozen
-        runs) and the same arithmetic inline (the planners' inner loop)."""
-        if self.sigma == 0:
-            plan = self._slow_plan(prompt_len, history)
-            s = [self.t(c, h) for c, h in zip(plan, _starts(plan, history))]
-            return (plan if keep else []), len(plan), float(sum(s)), float(max(s))
-        a, b_, g, d, c0 = self.a, self.b_, self.g, self.d, self.c
-        target, base, sigma = self.target, self.base, self.sigma
-        cap, floor, align, max_len = self.cap, self.floor, self.align, self.max_len
-        plan: list[int] = []
-        h, rem, k, tot, mx = history, prompt_len, 0, 0.0, 0.0
-        g_t = c0 - target
-        prev = tried = 0
-        while rem > 0:
-            hard = rem if rem < base else base
-            if max_len - h < hard:
-                hard = max_len - h
-                if hard <= 0:
-                    raise ValueError(f"no room for a chunk at history={h} (max_model_len={max_len})")
-            # The free chunk (`_free`) inline.
-            qb = b_ * h + g
-            qc = d * h + g_t
-            if qc >= 0:
-                c_s = base - sigma * base
-            elif a > 0:
-                c_s = base + sigma * ((-2.0 * qc) / (qb + math.sqrt(qb * qb - 4.0 * a * qc)) - base)
-            else:
-                c_s = base + sigma * (-qc / qb - base) if qb > 0 else math.inf
-            if c_s >= cap:
-                c = cap
-            else:
-                c = int(c_s)
-                c -= c % align
-                if c < floor:
-                    c = floor
-                if c > cap:
-                    c = cap
-            if c > hard:
-                c = hard
-            elif c < rem and rem <= hard:
-                c = self._merge_tail(h, rem, c)
-            elif c == prev and c != tried and rem > base + RUN_MIN * c:
-                # A run of c, looked for once, at its second chunk (most chunks differ from
-                # the last): until the tail rules or max_model_len could clip a chunk, and
-                # (unless c is the floor, which stays) while the solved chunk is at least
-                # c_min, the smallest that still gives c, i.e. while t(c_min, h) <= target.
-                tried = c
-                n = min((rem - base - 1) // c, (max_len - h - c) // c) + 1
-                if c > floor:
-                    c_min = base - (base - c) / sigma
-                    slope = b_ * c_min + d
-                    if c_min > 0 and slope > 0:
-                        span = (target - a * c_min * c_min - g * c_min - c0) / slope - h
-                        n = min(n, int(span // c) + 1) if span >= c else 1
-                if n > RUN_MIN:  # checking a run costs about as much as three chunks
-                    n = self._run_end(h, c, n)
-                    run_tot, last = self.run_times(c, h, n)
-                    tot += run_tot
-                    if last > mx:
-                        mx = last
-                    if keep:
-                        plan.extend([c] * n)
-                    k += n
-                    h += n * c
-                    rem -= n * c
-                    continue
-            prev = c
-            s = a * c * c + b_ * c * h + g * c + d * h + c0
-            tot += s
-            if s > mx:
-                mx = s
-            if keep:
-                plan.append(c)
-            k += 1
-            h += c
-            rem -= c
-        return plan, k, tot, mx
-
-    def _slow_plan(self, prompt_len: int, history: int) -> list[int]:
-        plan: list[int] = []
-        h, rem = history, prompt_len
-        while rem > 0:
-            c = self.chunk(h, rem)
-            if c <= 0:
-                raise ValueError(f"no room for a chunk at history={h} (max_model_len={self.max_len})")
-            plan.append(c)
-            h += c
-            rem -= c
-        return plan
-
-    def plan(self, prompt_len: int, history: int) -> list[int]:
-        return self.sweep(prompt_len, history)[0]
-
-
-def _starts(plan: list[int], history: int) -> list[int]:
-    """History at the start of each chunk of ``plan``."""
-    out, h = [], history
-    for c in plan:
-        out.append(h)
-        h += c
-    return out
-
-
-def rule_chunk(model: HistoryLatencyModel, history: int, remaining: int, target: float,
-               spec: PlanSpec) -> int:
-    """One chunk by the equal-time rule with target time ``target`` (seconds): solve
-    t(C, H) = target, smooth (C = B + sigma*(C - B)), floor at min_chunk, align down, clamp to
-    remaining / budget / max_model_len - H; merge the tail when one merged last chunk costs the
-    pipeline less than a separate tail chunk (a tiny tail would cost a whole extra step)."""
-    return _Rule(model, spec, target).chunk(history, remaining)
-
-
-def rule_plan(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec, target: float,
-              history: int = 0) -> list[int]:
-    """The rule applied chunk after chunk until the prompt is covered."""
-    return _Rule(model, spec, target).plan(prompt_len, history)
-
-
-def static_plan(prompt_len: int, spec: PlanSpec, history: int = 0) -> list[int]:
-    """Fixed chunks of ``max_num_batched_tokens`` (the last one shorter)."""
-    check_prompt(prompt_len, history, spec)
-    b = spec.max_num_batched_tokens
-    return [b] * (prompt_len // b) + ([prompt_len % b] if prompt_len % b else [])
-
-
-def equal_time_target(model: HistoryLatencyModel, spec: PlanSpec) -> float:
-    """vllm-ascend's T: the time of a base chunk at history 0 (seconds)."""
-    return float(model.predict_time(spec.max_num_batched_tokens, 0))
-
-
-def equal_time_plan(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
-                    history: int = 0) -> list[int]:
-    """Every chunk sized so t(C, H) = t(base, 0) (vllm-ascend / SGLang), then smoothed etc."""
-    check_prompt(prompt_len, history, spec)
-    return rule_plan(model, prompt_len, spec, equal_time_target(model, spec), history)
 
 
 BISECT_RTOL = 1e-3
@@ -379,7 +76,7 @@ class _TargetSearch:
 
     def __init__(self, model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
                  history: int) -> None:
-        self.rule = _Rule(model, spec, 0.0)
+        self.rule = Rule(model, spec, 0.0)
         self.n, self.h = prompt_len, history
         self.c0 = float(model.predict_time(0, history))  # a step with no new tokens
         self.obj_rtol = OBJ_RTOL
@@ -509,10 +206,10 @@ def _pipeline_search(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec
     # while the objective improves by more than OBJ_RTOL of it. The answer is the
     # cheapest pass seen: the tail-merge and smoothing rules make the objective uneven within
     # a count.
-    k0, bound0, top0 = _bound_argmin(model, prompt_len, spec, history)
-    k0 = min(max(k0, k_min), k_max)
+    k_arg, bound0, top0 = bound_argmin(model, prompt_len, spec, history)
+    k0 = min(max(k_arg, k_min), k_max)
     search.obj_rtol = obj_rtol = search_rtol(bound0)
-    search.run(min(max(top0, m_lo), m_hi))  # its bound on the largest step
+    search.run(min(max(top0, m_lo), m_hi))  # its bound on the largest step (`opens_with_budget`)
 
     def rtol(k: int) -> float:
         """Target precision for k chunks: a target x above the boundary raises the objective
@@ -543,9 +240,47 @@ def _pipeline_search(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec
             # Near the optimum the objective is flat: a gain below OBJ_RTOL counts as none.
             worse = worse + 1 if scores[nxt] > scores[cur] * (1 - OBJ_RTOL) else 0
             cur = nxt
-    # Never worse than the equal-time plan (one more pass; bounding it out costs as much).
-    search.run(equal_time_target(model, spec))
+    # Never worse than the equal-time plan: run it unless the bound rules it out. Its chunks
+    # but the last take at most its target (or a floor chunk's time at the end, or smoothed,
+    # a cap chunk's).
+    m_et = equal_time_target(model, spec)
+    h_end = history + prompt_len
+    step_max = max(m_et if spec.smooth_factor == 1 else float(model.predict_time(spec.cap, h_end)),
+                   float(model.predict_time(spec.floor, h_end)))
+    if bound_with_steps_below(model, prompt_len, spec, history, step_max, k_arg) < search.best(p1)[1]:
+        search.run(m_et)
     return search.best(p1)
+
+
+def opens_with_budget(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
+                      history: int = 0) -> bool:
+    """Whether `default_plan` ("pipeline") provably starts with a budget-sized chunk, from
+    the search's first rule pass and the lower bound (about a third of a plan's work).
+
+    Rule passes whose first chunk is below the budget B run at targets below t(B, history),
+    so each of their chunks but the last takes at most T = max(t(B, history), t(floor,
+    end)) and the last at most t(B, end): a K-chunk one has L(K) <= (K - 1) * T + t(B, end),
+    which holds only from some K_B on (the left side shrinks faster), and costs at least
+    min over K >= K_B of the bound. If the first pass (which starts with B) is cheaper, the
+    search's answer starts with B; so does the static plan, and where the coarse DP may run
+    this says no."""
+    b, p1 = spec.max_num_batched_tokens, spec.num_stages - 1
+    if (spec.smooth_factor != 1 or spec.cap != b or p1 == 0 or prompt_len <= 2 * b
+            or -(-prompt_len // b) >= -(-prompt_len // spec.floor)):
+        return False
+    check_prompt(prompt_len, history, spec)
+    rule = Rule(model, spec, 0.0)
+    if _chunking_matters(model, prompt_len, spec, history, rule.static_terms(prompt_len, history)[1]):
+        return False
+    end = history + prompt_len
+    m_lo, m_hi = float(model.predict_time(1, history)), float(model.predict_time(b, end))
+    k_arg, _, top0 = bound_argmin(model, prompt_len, spec, history)
+    rule.target = min(max(top0, m_lo), m_hi)  # `_pipeline_search`'s first pass
+    plan, _, tot, mx = rule.sweep(prompt_len, history, keep=True)
+    if plan[0] != b:
+        return False
+    t_max = max(float(model.predict_time(b, history)), float(model.predict_time(spec.floor, end)))
+    return tot + p1 * mx < bound_with_steps_below(model, prompt_len, spec, history, t_max, k_arg)
 
 
 def default_plan(model: HistoryLatencyModel | None, prompt_len: int, spec: PlanSpec,
@@ -560,7 +295,7 @@ def default_plan(model: HistoryLatencyModel | None, prompt_len: int, spec: PlanS
         raise ValueError(f"mode={mode!r} must be one of pipeline, equal_time, static")
     check_prompt(prompt_len, history, spec)
     p1 = spec.num_stages - 1
-    rule = _Rule(model, spec, 0.0)
+    rule = Rule(model, spec, 0.0)
     _, work, top = rule.static_terms(prompt_len, history)
     cands = [_pipeline_search(model, prompt_len, spec, history),  # with the equal-time plan
              (static_plan(prompt_len, spec, history), work + p1 * top)]
@@ -593,161 +328,3 @@ DP_WORTH = 1e-3
 """Smallest share of a prompt's work that chunking must be able to move for `default_plan` to
 try the coarse DP (a few to tens of ms per long prompt)."""
 
-
-# ---------------------------------------------------------------------------------------------
-def _dp_grid(prompt_len: int, spec: PlanSpec, grid: int | None, max_points: int) -> int:
-    a = spec.align
-    if grid is None:
-        grid = a * max(1, -(-prompt_len // (a * max_points)))
-        grid = min(grid, max(a, spec.cap - spec.cap % a))  # a chunk must fit the budget
-    if grid < 1:
-        raise ValueError(f"grid={grid} must be >= 1 token")
-    return grid
-
-
-def optimal_plan(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec, history: int = 0,
-                 *, grid: int | None = None, max_points: int = 1024,
-                 rel_tol: float = 1e-4) -> list[int]:
-    """Minimise ``sum(s) + (P-1)*max(s)`` over plans whose boundaries lie on a grid of ``grid``
-    tokens (default: the alignment, coarsened to at most ``max_points`` boundaries), with the
-    same limits as the other plans (chunks in [floor, cap], the last <= budget). Exact on the
-    grid up to ``rel_tol``."""
-    check_prompt(prompt_len, history, spec)
-    g = _dp_grid(prompt_len, spec, grid, max_points)
-    pos = np.arange(0, prompt_len, g, dtype=np.int64)
-    pos = np.append(pos, prompt_len)  # [n+1] boundaries relative to history
-    n = len(pos) - 1
-    w = min(n, spec.max_num_batched_tokens // g + 1)
-    t = np.full((n + 1, w), np.inf)  # t[j, d-1]: chunk pos[j-d] -> pos[j]
-    for d in range(1, w + 1):
-        j = np.arange(d, n + 1)
-        size = pos[j] - pos[j - d]
-        ok = np.where(j < n, (size >= spec.floor) & (size <= spec.cap),
-                      size <= spec.max_num_batched_tokens)
-        t[j[ok], d - 1] = model.predict_time(size[ok].astype(float),
-                                             (history + pos[j - d][ok]).astype(float))
-
-    def solve(cap_time: float, minimax: bool = False) -> tuple[float, list[int]]:
-        tm = np.where(t <= cap_time, t, np.inf)
-        best = np.full(n + 1, np.inf)
-        best[0] = 0.0
-        arg = np.zeros(n + 1, dtype=np.int64)
-        for j in range(1, n + 1):
-            dm = min(w, j)
-            prev = best[j - dm:j][::-1]
-            cand = np.maximum(prev, tm[j, :dm]) if minimax else prev + tm[j, :dm]
-            k = int(np.argmin(cand))
-            best[j], arg[j] = cand[k], k + 1
-        if not math.isfinite(best[n]):
-            return math.inf, []
-        chunks, j = [], n
-        while j > 0:
-            chunks.append(int(pos[j] - pos[j - arg[j]]))
-            j -= arg[j]
-        return float(best[n]), chunks[::-1]
-
-    p1 = spec.num_stages - 1
-    m_min, _ = solve(math.inf, minimax=True)
-    if not math.isfinite(m_min):
-        raise ValueError(f"no plan on a {g}-token grid satisfies the limits {spec}")
-    evals: dict[float, tuple[float, list[int]]] = {}
-
-    def ev(m: float) -> float:
-        if m not in evals:
-            evals[m] = solve(m)
-        return evals[m][0]
-
-    s_inf, plan_inf = solve(math.inf)
-    m_max = float(stage_times(model, plan_inf, history).max())
-    best_f, best_plan = math.inf, plan_inf
-
-    def consider(m: float) -> None:
-        nonlocal best_f, best_plan
-        s, pl = evals[m]
-        if pl:
-            f = s + p1 * float(stage_times(model, pl, history).max())
-            if f < best_f:
-                best_f, best_plan = f, pl
-
-    grid_m = sorted({m_min, m_max, *np.geomspace(m_min, max(m_max, m_min), 9).tolist()})
-    for m in grid_m:
-        ev(m)
-        consider(m)
-    heap = [(evals[b][0] + p1 * a, a, b) for a, b in zip(grid_m, grid_m[1:])]
-    heapq.heapify(heap)
-    while heap:
-        lb, a, b = heapq.heappop(heap)
-        if lb >= best_f * (1 - rel_tol) or evals[a][0] <= evals[b][0] * (1 + 1e-12):
-            continue  # S constant on (a, b]: the plan at a is as cheap with a smaller max
-        mid = 0.5 * (a + b)
-        ev(mid)
-        consider(mid)
-        for lo, hi in ((a, mid), (mid, b)):
-            heapq.heappush(heap, (evals[hi][0] + p1 * lo, lo, hi))
-    return best_plan
-
-
-def lower_bound(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec, history: int = 0) -> float:
-    """A TTFT no plan within the limits can beat: ``min_K L(K) + (P-1) * M(K)`` where L(K)
-    lower-bounds the summed stage time of any K-chunk plan (exact when the model telescopes,
-    as ``--cost`` does: L(K) = work + K*c) and M(K) its largest step: at least the mean
-    L(K)/K and, for K >= 2, the time of a floor-sized chunk where the second-to-last chunk
-    starts at the earliest (the last two are at most budget and cap long)."""
-    check_prompt(prompt_len, history, spec)
-    _, work, top = _bound_curve(model, prompt_len, spec, history)
-    return float(np.min(work + (spec.num_stages - 1) * top))
-
-
-def _bound_argmin(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
-                  history: int) -> tuple[int, float, float]:
-    """(K, bound, M(K)) at the count minimising `lower_bound`'s L(K) + (P-1) * M(K), by
-    ternary search over the integers (both terms are convex in K), in plain Python."""
-    p1 = spec.num_stages - 1
-    ks, work, top = _bound_terms(model, prompt_len, spec, history)
-
-    def f(k: int) -> float:
-        return work(k) + p1 * top(k)
-
-    lo, hi = ks
-    while hi - lo > 2:
-        m1, m2 = lo + (hi - lo) // 3, hi - (hi - lo) // 3
-        if f(m1) <= f(m2):
-            hi = m2
-        else:
-            lo = m1
-    k = min(range(lo, hi + 1), key=f)
-    return k, f(k), top(k)
-
-
-def _bound_curve(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
-                 history: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """([K] chunk counts, [K] L(K), [K] M(K)) over the counts the limits allow (seconds)."""
-    (k_lo, k_hi), work, top = _bound_terms(model, prompt_len, spec, history)
-    k = np.arange(k_lo, k_hi + 1, dtype=float)  # [K candidates]
-    return k, work(k), top(k)
-
-
-def _bound_terms(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec, history: int):
-    """((K_lo, K_hi), L, M): the chunk counts the limits allow, and lower bounds L(K) and M(K)
-    on the summed and the largest stage time of any K-chunk plan (see `lower_bound`), as
-    functions of an int K or an array of them."""
-    n, h0, m = float(prompt_len), float(history), model
-    k_lo = -(-prompt_len // spec.max_num_batched_tokens)
-    k_hi = max(k_lo, prompt_len // spec.floor + 1)
-    # sum alpha*C^2 + beta*C*H = (alpha - beta/2)*sum C^2 + beta*((h0+n)^2 - h0^2)/2, and
-    # sum C^2 >= n^2 / K (or, when it counts negatively, <= n * budget).
-    quad = m.beta * ((h0 + n) ** 2 - h0 ** 2) / 2
-    coef = m.alpha - m.beta / 2
-    fixed = quad + m.gamma * n + (0.0 if coef >= 0 else coef * n * min(n, spec.max_num_batched_tokens))
-    start = history + max(0, prompt_len - spec.cap - spec.max_num_batched_tokens)
-    floored = float(m.predict_time(spec.floor, start))
-
-    def work(k):
-        return fixed + (coef * n * n / k if coef >= 0 else 0.0) + m.delta * k * h0 + k * m.c
-
-    def top(k):
-        if isinstance(k, np.ndarray):
-            return np.maximum(work(k) / k, np.where(k >= 2, floored, 0.0))
-        return max(work(k) / k, floored) if k >= 2 else work(k) / k
-
-    return (k_lo, k_hi), work, top

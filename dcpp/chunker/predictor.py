@@ -24,6 +24,7 @@ from dcpp.chunker.planner import (
     PlanSpec,
     default_plan,
     equal_time_target,
+    opens_with_budget,
     plan_cost,
     rule_chunk,
     static_plan,
@@ -113,6 +114,13 @@ class ChunkPredictor:
         while len(self._cache) > MAX_CACHED_BOUNDARIES:
             self._cache.popitem(last=False)
         return plan[0]
+
+    def opens_with_budget(self, prompt_len: int, history: int = 0) -> bool:
+        """Whether this prompt's "pipeline" plan provably starts with a budget-sized chunk
+        (`planner.opens_with_budget`); False in other modes and while static."""
+        if self.is_static or self.config.plan_mode != "pipeline":
+            return False
+        return opens_with_budget(self._model, prompt_len, self.spec, history)
 
     def plan(self, prompt_len: int, history: int = 0) -> list[int]:
         """Whole chunk plan of ``prompt_len`` tokens after ``history`` cached ones."""

@@ -178,7 +178,7 @@ linear_models = st.builds(  # alpha = 0: chunk time linear in the chunk (live fi
 @given(model=st.one_of(models, linear_models), spec=specs(), n=st.integers(1, 400_000),
        h0=st.integers(0, 50_000), target_scale=st.floats(0.05, 20.0), room=st.integers(0, 5000))
 def test_rule_pass_equals_the_rule_chunk_by_chunk(model, spec, n, h0, target_scale, room):
-    # The planners' pass (`_Rule.sweep`, which takes runs of equal chunks in one step)
+    # The planners' pass (`Rule.sweep`, which takes runs of equal chunks in one step)
     # against `rule_chunk` called per chunk, with max_model_len sometimes just above the
     # prompt; its summed and largest step time against `stage_times` of the plan.
     from dcpp.chunker import planner
@@ -186,7 +186,7 @@ def test_rule_pass_equals_the_rule_chunk_by_chunk(model, spec, n, h0, target_sca
     spec = PlanSpec(**{**spec.__dict__, "max_model_len": h0 + n + room})
     target = target_scale * float(model.predict_time(spec.max_num_batched_tokens, 0))
     expect = _rule_by_chunk(model, n, spec, target, h0)
-    plan, k, tot, mx = planner._Rule(model, spec, target).sweep(n, h0)
+    plan, k, tot, mx = planner.Rule(model, spec, target).sweep(n, h0)
     assert plan == expect and k == len(expect)
     s = planner.stage_times(model, plan, h0)
     assert tot == pytest.approx(float(s.sum()), rel=1e-9)
@@ -210,14 +210,14 @@ def test_pipeline_search_needs_few_rule_passes(monkeypatch):
     from dcpp.chunker import planner
 
     passes = []
-    sweep = planner._Rule.sweep
+    sweep = planner.Rule.sweep
 
     def counted(self, *args, **kwargs):
         out = sweep(self, *args, **kwargs)
         passes.append(out[1])
         return out
 
-    monkeypatch.setattr(planner._Rule, "sweep", counted)
+    monkeypatch.setattr(planner.Rule, "sweep", counted)
     model = HistoryLatencyModel(alpha=2e-9, beta=4e-9, gamma=2e-6, delta=0.0, c=2e-3)
     spec = PlanSpec(max_num_batched_tokens=2048, max_model_len=1 << 20, num_stages=2,
                     min_chunk=256)
@@ -238,3 +238,35 @@ def test_pipeline_search_needs_few_rule_passes(monkeypatch):
         pipeline_plan(model, int(n), spec)
         counts.append(len(passes))
     assert np.median(counts) <= 7 and max(counts) <= 16, counts
+
+
+@settings(max_examples=150, deadline=None)
+@given(model=st.one_of(models, st.builds(HistoryLatencyModel.from_cost, a=st.floats(1e-11, 1e-9),
+                                         b=st.floats(1e-7, 2e-5), c=st.floats(1e-4, 0.01))),
+       p=st.integers(2, 8), budget_units=st.integers(4, 64), floor_units=st.integers(1, 8),
+       n_budgets=st.floats(2.5, 200.0), h0=st.sampled_from([0, 4096, 100_000]))
+def test_opens_with_budget_only_when_the_plan_does(model, p, budget_units, floor_units,
+                                                   n_budgets, h0):
+    # The scheduler takes vLLM's chunk before planning when this says so; the plan itself is
+    # the oracle.
+    from dcpp.chunker.planner import opens_with_budget
+
+    b = 64 * budget_units
+    spec = PlanSpec(max_num_batched_tokens=b, max_model_len=10**7, num_stages=p,
+                    min_chunk=64 * min(floor_units, budget_units))
+    n = int(n_budgets * b)
+    if opens_with_budget(model, n, spec, h0):
+        assert default_plan(model, n, spec, h0)[0] == b
+
+
+def test_opens_with_budget_for_long_prompts_and_a_small_budget():
+    # The case it is for (the scheduler benchmark's): 16k-32k prompts, budget 2048.
+    from dcpp.chunker.planner import opens_with_budget
+
+    model = HistoryLatencyModel(alpha=2e-9, beta=4e-9, gamma=2e-6, delta=0.0, c=2e-3)
+    spec = PlanSpec(max_num_batched_tokens=2048, max_model_len=1 << 20, num_stages=2,
+                    min_chunk=256)
+    ns = np.random.default_rng(1).integers(16_384, 32_768, 20)
+    assert all(opens_with_budget(model, int(n), spec) for n in ns)
+    assert not opens_with_budget(model, 5000, spec)  # <= 2.5 budgets: never put off
+    assert not opens_with_budget(model, 30_000, PlanSpec(**{**spec.__dict__, "smooth_factor": 0.5}))

@@ -258,3 +258,54 @@ def test_pending_work_is_read_once_per_step_and_only_when_asked():
     s.begin_step(8192, pending)
     s.size(ask("a", 6000, offered=2048, mode=PLAN_OFF))
     assert len(calls) <= 1  # "off" requests never read the queues
+
+
+def test_a_plan_put_off_a_step_gives_the_same_chunks_one_step_later():
+    """A request whose plan starts with the budget anyway (`opens_full`) takes vLLM's offer in
+    its first step without a planner call; in its next step it is planned from its start, so
+    its chunks are exactly those of the request planned at once (hand-made plans: 2048, then
+    512s, so the first chunk is the offer)."""
+    def run(opens_full):
+        planner = CountingPlanner(512)
+        calls = []
+
+        def plan(mode, n, h):
+            calls.append((n, h))
+            return [2048] + planner(mode, n - 2048, h + 2048)
+
+        s = ChunkSizer(plan, floor=128, align=64, opens_full=opens_full)
+        s.model = MODEL
+        got, h, first_step_calls = [], 0, None
+        while h < 10_000:
+            s.begin_step(2048)
+            c = s.size(ask("r", 10_000, history=h, offered=2048))
+            s.advance("r", h, c)
+            s.end_step()
+            first_step_calls = len(calls) if first_step_calls is None else first_step_calls
+            got.append(c)
+            h += c
+        return got, calls, first_step_calls, s
+
+    now, calls_now, first_now, _ = run(None)
+    later, calls_later, first_later, s = run(lambda mode, n, h: n > 4096)
+    assert later == now == [2048] + [512] * 15 + [10_000 - 2048 - 512 * 15]
+    assert first_now == 1 and first_later == 0  # no planning in the admitting step
+    assert calls_later == calls_now == [(10_000, 0)]  # one plan, from the request's start
+    assert s.num_deferred == 1 and s.plan_log["r"] == (0, now)
+
+
+def test_a_put_off_request_shares_its_first_step_as_a_planned_one_would():
+    """Sized after another prefill, a put-off request's offer counts as its planned chunk:
+    the step's time and the closed-form fit are those of
+    `test_a_later_prefill_fills_the_remaining_time_exactly`, not the offer taken whole."""
+    planner = CountingPlanner(2048)
+    s = ChunkSizer(planner, floor=64, align=64, opens_full=lambda m, n, h: True)
+    s.model = MODEL
+    s.begin_step(8192)
+    assert s.size(ask("a", 2048 + 300, history=2048, offered=300)) == 300
+    second = s.size(ask("b", 10_000, history=1024, offered=2048))
+    target = MODEL.predict_time(2048, 1024)
+    best = max(x for x in range(64, 2049, 64)
+               if MODEL.predict_batch([(300, 2048), (x, 1024)]) <= target)
+    assert second == best < 2048
+    assert s.num_deferred == 2 and planner.calls == []

@@ -26,11 +26,12 @@ def test_scheduler_overhead_benchmark_runs(tmp_path, monkeypatch, capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "out.json"
-    assert bench.main(["--steps", "40", "--concurrency", "2", "--json", str(out)]) == 0
+    assert bench.main(["--steps", "40", "--concurrency", "2", "--repeats", "2",
+                       "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     row = report["runs"]["2"]
     assert row["steps_run"] == 40 and 0 < row["steps_timed"] <= 40
-    assert row["planner_calls"] >= 0
+    assert row["planner_calls"] >= 0 and len(row["added_p99_ms_repeats"]) == 2
     for key in ("vllm_schedule_ms", "dcpp_schedule_ms", "vllm_update_ms", "dcpp_update_ms"):
         p50, p99 = row[key]
         assert 0 < p50 <= p99

@@ -19,6 +19,11 @@ prefills' rest and waiting prompts, in model seconds) covers that drain,
 ``other >= (P-1) * t(last chunk)``; it is planned (once) only when it would otherwise drain
 the pipeline. Decodes are not counted (their steps barely fill a stage). "equal_time" requests
 never stand aside (vllm-ascend's rule, kept as it is for comparison).
+
+A "pipeline" request whose plan provably starts with a budget-sized chunk (`opens_full`, a
+third of a plan's work) takes vLLM's chunk in the step that admits it, which already carries
+vLLM's admission work, and is planned from that same start in its next step, as if the plan
+had been made first: the same chunks, one step later.
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ class LatencyModel(Protocol):
 
 #: planner(mode, tokens to prefill, history) -> chunk sizes covering exactly those tokens.
 Planner = Callable[[str, int, int], list]
+
+#: opens_full(mode, tokens to prefill, history) -> whether that plan starts with the budget.
+OpensFull = Callable[[str, int, int], bool]
 
 
 @dataclasses.dataclass
@@ -125,8 +133,14 @@ class ChunkSizer:
     """Plans per request and the step budget for one engine (one model, budget, floor)."""
 
     def __init__(self, planner: Planner, *, floor: int, align: int,
-                 num_stages: int = 1) -> None:
+                 num_stages: int = 1, opens_full: OpensFull | None = None) -> None:
         self._planner = planner
+        self._opens_full = opens_full
+        self._deferred: collections.OrderedDict[str, int] = collections.OrderedDict()
+        """Request -> history where its plan, put off by a step, starts (bounded: a request
+        may stand aside to its end and never be planned)."""
+        self.num_deferred = 0
+        """Plans put off to a request's second step."""
         self.num_stages = int(num_stages)
         """Pipeline stages P; with P = 1 there is no drain and dcpp never stands aside."""
         self.num_stood_aside = 0
@@ -171,8 +185,10 @@ class ChunkSizer:
             self.num_stood_aside += 1
             return step.grant(model, offered, ask.history)
         plan = self._plan_for(ask)
-        want = min(plan.chunks[0], offered, max(step.prefill_room, 1))
-        own_s = float(model.predict_time(plan.chunks[0], ask.history))
+        # A plan put off a step starts with the budget: vLLM's offer is its first chunk.
+        first = plan.chunks[0] if plan is not None else offered
+        want = min(first, offered, max(step.prefill_room, 1))
+        own_s = float(model.predict_time(first, ask.history))
         step.target_s = own_s if step.target_s is None else max(step.target_s, own_s)
         if step.batch_s:
             # Room left in the step's time: t(batch + [(x, h)]) = batch_s + t(x, h) - c.
@@ -208,20 +224,37 @@ class ChunkSizer:
         return max(1, min(end - ask.history, ask.offered))
 
     # ------------------------------------------------------------------ plans
-    def _plan_for(self, ask: Ask) -> RequestPlan:
+    def _plan_for(self, ask: Ask) -> RequestPlan | None:
+        """The request's plan at its history: continued, made now, made from where the step
+        before started it (put off), or None: put off to the next step."""
         rid = ask.request_id
         plan = self.plans.get(rid)
         if plan is not None and plan.mode == ask.mode and plan.pos == ask.history and plan.chunks:
             return plan
-        chunks = [int(c) for c in self._planner(ask.mode, ask.total - ask.history, ask.history)]
+        start = self._deferred.pop(rid, None)
+        if start is not None and start < ask.history < ask.total:
+            plan = self._make_plan(rid, ask.mode, start, ask.total)
+            self.advance(rid, start, ask.history - start)  # vLLM's chunk, run last step
+            if rid in self.plans:
+                return self.plans[rid]
+        if (ask.mode == LOAD_AWARE_MODE and self._opens_full is not None and plan is None
+                and self._opens_full(ask.mode, ask.total - ask.history, ask.history)):
+            self._deferred[rid] = ask.history
+            while len(self._deferred) > MAX_LOGGED_REQUESTS:
+                self._deferred.popitem(last=False)
+            self.num_deferred += 1
+            return None
+        return self._make_plan(rid, ask.mode, ask.history, ask.total)
+
+    def _make_plan(self, rid: str, mode: str, history: int, total: int) -> RequestPlan:
+        chunks = [int(c) for c in self._planner(mode, total - history, history)]
         self.num_plans += 1
-        if sum(chunks) != ask.total - ask.history or any(c <= 0 for c in chunks):
-            raise AssertionError(
-                f"chunker plan {chunks} does not cover tokens {ask.history}..{ask.total}")
-        start, done = self.plan_log.get(rid, (ask.history, []))
+        if sum(chunks) != total - history or any(c <= 0 for c in chunks):
+            raise AssertionError(f"chunker plan {chunks} does not cover tokens {history}..{total}")
+        start, done = self.plan_log.get(rid, (history, []))
         # Chunks already run (before a move) stay in the log; the rest is the new plan.
-        log = done[:_chunks_until(done, start, ask.history)] + chunks
-        plan = RequestPlan(mode=ask.mode, chunks=chunks, pos=ask.history, log=log)
+        log = done[:_chunks_until(done, start, history)] + chunks
+        plan = RequestPlan(mode=mode, chunks=chunks, pos=history, log=log)
         self.plans[rid] = plan
         self.plan_log[rid] = (start, log)
         self.plan_log.move_to_end(rid)
@@ -264,9 +297,11 @@ class ChunkSizer:
         """Drop the plans of `request_ids` (None: of every request)."""
         if request_ids is None:
             self.plans.clear()
+            self._deferred.clear()
             return
         for rid in request_ids:  # type: ignore[attr-defined]
             self.plans.pop(rid, None)
+            self._deferred.pop(rid, None)
 
 
 def _chunks_until(chunks: list[int], start: int, pos: int) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
 
 logger = logging.getLogger("vllm.dcpp")
 

@@ -168,8 +168,10 @@ class DcppRuntime:
                 page_size=self.limits.page_size, max_model_len=self.limits.max_model_len,
                 num_stages=self.num_stages)
         spec = self.predictors[PLAN_MODES[0]].spec
-        self.sizer = ChunkSizer(lambda mode, n, h: self.predictors[mode].plan(n, history=h),
-                                floor=spec.floor, align=spec.align, num_stages=self.num_stages)
+        self.sizer = ChunkSizer(
+            lambda mode, n, h: self.predictors[mode].plan(n, history=h),
+            floor=spec.floor, align=spec.align, num_stages=self.num_stages,
+            opens_full=lambda mode, n, h: self.predictors[mode].opens_with_budget(n, history=h))
         self.sizer.model = self.model
 
     def set_model(self, model: Any) -> None:
