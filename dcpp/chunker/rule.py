@@ -240,7 +240,10 @@ class Rule:
                     slope = b_ * c_min + d
                     if c_min > 0 and slope > 0:
                         span = (target - a * c_min * c_min - g * c_min - c0) / slope - h
-                        n = min(n, int(span // c) + 1) if span >= c else 1
+                        if span < c:
+                            n = 1
+                        elif span < n * c:  # (a tiny slope can make span inf)
+                            n = int(span // c) + 1
                 if n > RUN_MIN:  # checking a run costs about as much as three chunks
                     n = self._run_end(h, c, n)
                     run_tot, last = self.run_times(c, h, n)
