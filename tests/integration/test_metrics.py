@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import socket
 import urllib.request
@@ -86,15 +87,11 @@ def test_bubble_histogram_served_with_plan_label():
     assert bubble_totals("") == {}
 
 
-class _Done:
-    def __init__(self, value):
-        self.value = value
-
-    def done(self):
-        return True
-
-    def result(self):
-        return self.value
+def _done(value):
+    """A future that is already done (what a worker RPC returns with non_block=True)."""
+    future = concurrent.futures.Future()
+    future.set_result(value)
+    return future
 
 
 class _TwoStageWorkers:
@@ -116,7 +113,7 @@ class _TwoStageWorkers:
                 self.every = args[0]
         else:
             raise RuntimeError(name)
-        return _Done(res) if non_block else res
+        return _done(res) if non_block else res
 
     def run(self, fp, starts, ends):
         for r in range(2):

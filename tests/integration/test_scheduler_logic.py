@@ -4,6 +4,8 @@ behaviour is covered by test_vllm_engine.py."""
 
 from __future__ import annotations
 
+import concurrent.futures
+
 from types import SimpleNamespace as NS
 
 import pytest
@@ -30,15 +32,11 @@ def true_time(chunk, history):
     return 2e-3 + 2e-6 * chunk + 4e-9 * chunk * history + 2e-9 * chunk * chunk
 
 
-class FakeFuture:
-    def __init__(self, value):
-        self.value = value
-
-    def done(self):
-        return True
-
-    def result(self):
-        return self.value
+def done_future(value):
+    """A future that is already done (what a worker RPC returns with non_block=True)."""
+    future = concurrent.futures.Future()
+    future.set_result(value)
+    return future
 
 
 class FakeExecutor:
@@ -65,7 +63,7 @@ class FakeExecutor:
             self.queued = []
             if args and args[0] is not None:
                 self.every = args[0]
-            return FakeFuture(out) if non_block else out
+            return done_future(out) if non_block else out
         self.calls += 1
         if self.fail:
             raise RuntimeError("worker died")
