@@ -206,10 +206,10 @@ def _pipeline_search(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec
     # while the objective improves by more than OBJ_RTOL of it. The answer is the
     # cheapest pass seen: the tail-merge and smoothing rules make the objective uneven within
     # a count.
-    k_arg, bound0, top0 = bound_argmin(model, prompt_len, spec, history)
+    k_arg, bound0, m0 = _search_start(model, prompt_len, spec, history)
     k0 = min(max(k_arg, k_min), k_max)
     search.obj_rtol = obj_rtol = search_rtol(bound0)
-    search.run(min(max(top0, m_lo), m_hi))  # its bound on the largest step (`opens_with_budget`)
+    search.run(m0)
 
     def rtol(k: int) -> float:
         """Target precision for k chunks: a target x above the boundary raises the objective
@@ -252,6 +252,17 @@ def _pipeline_search(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec
     return search.best(p1)
 
 
+def _search_start(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
+                  history: int) -> tuple[int, float, float]:
+    """(K, bound, m0): the lower bound's best chunk count and its value there, and the
+    search's first target, the bound's largest step there within [t(1, history), t(budget,
+    end)] (`opens_with_budget` reasons about that very pass)."""
+    k, bound, top = bound_argmin(model, prompt_len, spec, history)
+    m_lo = float(model.predict_time(1, history))
+    m_hi = float(model.predict_time(spec.max_num_batched_tokens, history + prompt_len))
+    return k, bound, min(max(top, m_lo), m_hi)
+
+
 def opens_with_budget(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
                       history: int = 0) -> bool:
     """Whether `default_plan` ("pipeline") provably starts with a budget-sized chunk, from
@@ -272,14 +283,12 @@ def opens_with_budget(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpe
     rule = Rule(model, spec, 0.0)
     if _chunking_matters(model, prompt_len, spec, history, rule.static_terms(prompt_len, history)[1]):
         return False
-    end = history + prompt_len
-    m_lo, m_hi = float(model.predict_time(1, history)), float(model.predict_time(b, end))
-    k_arg, _, top0 = bound_argmin(model, prompt_len, spec, history)
-    rule.target = min(max(top0, m_lo), m_hi)  # `_pipeline_search`'s first pass
+    k_arg, _, rule.target = _search_start(model, prompt_len, spec, history)
     plan, _, tot, mx = rule.sweep(prompt_len, history, keep=True)
     if plan[0] != b:
         return False
-    t_max = max(float(model.predict_time(b, history)), float(model.predict_time(spec.floor, end)))
+    t_max = max(float(model.predict_time(b, history)),
+                float(model.predict_time(spec.floor, history + prompt_len)))
     return tot + p1 * mx < bound_with_steps_below(model, prompt_len, spec, history, t_max, k_arg)
 
 

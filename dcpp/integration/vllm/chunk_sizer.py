@@ -233,18 +233,24 @@ class ChunkSizer:
             return plan
         start = self._deferred.pop(rid, None)
         if start is not None and start < ask.history < ask.total:
-            plan = self._make_plan(rid, ask.mode, start, ask.total)
+            self._make_plan(rid, ask.mode, start, ask.total)
             self.advance(rid, start, ask.history - start)  # vLLM's chunk, run last step
-            if rid in self.plans:
-                return self.plans[rid]
-        if (ask.mode == LOAD_AWARE_MODE and self._opens_full is not None and plan is None
-                and self._opens_full(ask.mode, ask.total - ask.history, ask.history)):
-            self._deferred[rid] = ask.history
-            while len(self._deferred) > MAX_LOGGED_REQUESTS:
-                self._deferred.popitem(last=False)
-            self.num_deferred += 1
+            return self.plans[rid]  # tokens remain: the plan is not used up
+        if plan is None and self._put_off(ask):
             return None
         return self._make_plan(rid, ask.mode, ask.history, ask.total)
+
+    def _put_off(self, ask: Ask) -> bool:
+        """Whether a "pipeline" request without a plan takes vLLM's chunk this step and is
+        planned from here in its next one (`opens_full`)."""
+        if (ask.mode != LOAD_AWARE_MODE or self._opens_full is None
+                or not self._opens_full(ask.mode, ask.total - ask.history, ask.history)):
+            return False
+        self._deferred[ask.request_id] = ask.history
+        while len(self._deferred) > MAX_LOGGED_REQUESTS:
+            self._deferred.popitem(last=False)
+        self.num_deferred += 1
+        return True
 
     def _make_plan(self, rid: str, mode: str, history: int, total: int) -> RequestPlan:
         chunks = [int(c) for c in self._planner(mode, total - history, history)]
