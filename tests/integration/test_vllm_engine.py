@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from vllm_testlib import BUDGET, MAX_MODEL_LEN, MIN_CHUNK, make_engine, vllm_available
+from vllm_testlib import BUDGET, MAX_MODEL_LEN, MIN_CHUNK, make_engine, prompt, vllm_available
 
 pytestmark = [
     pytest.mark.vllm,
@@ -20,13 +20,6 @@ pytestmark = [
 
 PROMPT_LEN = 3000
 KV_BLOCKS = MAX_MODEL_LEN // 128 + 8  # vLLM's CPU block size is 128 tokens
-
-
-def prompt(n: int, seed: int = 1) -> list[int]:
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, 500, (n,), generator=g).tolist()
 
 
 @pytest.fixture(scope="module")

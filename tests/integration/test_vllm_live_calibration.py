@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-from vllm_testlib import BUDGET, MIN_CHUNK, make_engine, vllm_available
+from vllm_testlib import BUDGET, MIN_CHUNK, make_engine, prompt, vllm_available
 
 pytestmark = [
     pytest.mark.vllm,
@@ -25,13 +25,6 @@ PROMPT_LEN = 3000
 # Static chunks of these leave remainders 40, 100, 200, 300, 450, 70, 70, 70 tokens: small
 # chunks and many histories, what the live fit's readiness rule asks for (52 prefill steps).
 TRAFFIC = [2600, 1636, 3272, 1324, 5570, 2118, 4166, 3142]
-
-
-def prompt(n: int, seed: int) -> list[int]:
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, 500, (n,), generator=g).tolist()
 
 
 @pytest.fixture(scope="module")

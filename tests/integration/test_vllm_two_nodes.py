@@ -88,22 +88,10 @@ def two_nodes(tiny_checkpoint, tmp_path_factory):
             else:
                 os.environ[k] = v
         if eng is not None and eng.llm is not None:
-            _shutdown_node0(eng, [p for p in lib.descendants()
-                                  if p.pid not in {q.pid for q in harness.node_processes(node1)}])
+            # Node 0's processes only: node 1's are left to `stop_node`.
+            eng.shutdown([p for p in lib.descendants()
+                          if p.pid not in {q.pid for q in harness.node_processes(node1)}])
         harness.stop_node(node1, timeout=30)
-
-
-def _shutdown_node0(eng, procs) -> list[int]:
-    """Node 0's engine down, its own processes reaped (node 1's are left to `stop_node`)."""
-    import gc
-
-    try:
-        eng.llm.llm_engine.engine_core.shutdown()
-    except Exception:
-        pass
-    eng.llm = None
-    gc.collect()
-    return lib.reap(procs)
 
 
 def generate(eng, tokens, plan=None, max_tokens=8):
@@ -196,7 +184,7 @@ def test_no_process_left_after_shutdown(two_nodes):
 
     eng, node1 = two_nodes["engine"], two_nodes["node1"]
     node0_procs = [p for p in lib.descendants() if p.pid not in two_nodes["node1_pids"]]
-    killed0 = _shutdown_node0(eng, node0_procs)
+    killed0 = eng.shutdown(node0_procs)  # node 1's are left to `stop_node`
     killed1 = harness.stop_node(node1, timeout=60)
     assert node1.poll() is not None, "node 1 still running"
     left = [p.pid for p in node0_procs if lib._alive(p)]

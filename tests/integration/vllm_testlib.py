@@ -35,6 +35,14 @@ def vllm_available() -> bool:
     return True
 
 
+def prompt(n: int, seed: int = 1) -> list[int]:
+    """``n`` token ids drawn from the tiny model's vocabulary, the same for the same seed."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 500, (n,), generator=g).tolist()
+
+
 def write_tiny_checkpoint(path: Path) -> Path:
     from dcpp.reference.checkpoint import write_random_llama
     from dcpp.reference.model import ModelConfig
@@ -87,8 +95,12 @@ class Engine:
     def scheduler(self):
         return self.core.scheduler
 
-    def shutdown(self) -> list[int]:
-        procs = self.procs + [p for p in descendants() if p.pid not in {q.pid for q in self.procs}]
+    def shutdown(self, procs: list | None = None) -> list[int]:
+        """The engine down and ``procs`` reaped (default: its processes and every other
+        descendant); returns the pids that had to be killed."""
+        if procs is None:
+            procs = self.procs + [p for p in descendants()
+                                  if p.pid not in {q.pid for q in self.procs}]
         try:
             self.llm.llm_engine.engine_core.shutdown()
         except Exception:
