@@ -94,7 +94,7 @@ def test_live_calibration_starts_static_and_switches_once_it_can_fit(tmp_path, m
 
     assert os.path.exists(rt.profile_path)
     rt.close()  # what calibration learnt since is saved beside it
-    assert os.path.exists(rt._calibration_path)
+    assert os.path.exists(rt.saver.path)
     ex2 = FakeExecutor(step_timing=True)
     with caplog.at_level(logging.INFO, logger="vllm.dcpp"):
         rt2 = runtime(tmp_path, monkeypatch, executor=ex2, extra={"live_calibration": True})

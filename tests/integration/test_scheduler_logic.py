@@ -201,11 +201,11 @@ def test_forget_drops_plans_and_prefill_timers(tmp_path, monkeypatch):
     for r in reqs:
         r.num_computed_tokens = granted[r.request_id]
     rt.end_step(s, NS(num_scheduled_tokens=granted))
-    assert set(rt.plans) == {"a", "b", "c"} and set(rt._prefills) == {"a", "b", "c"}
+    assert set(rt.plans) == {"a", "b", "c"} and set(rt.prefills.timed()) == {"a", "b", "c"}
     rt.forget(["a", "unknown"])
-    assert set(rt.plans) == {"b", "c"} and set(rt._prefills) == {"b", "c"}
+    assert set(rt.plans) == {"b", "c"} and set(rt.prefills.timed()) == {"b", "c"}
     rt.forget(None)
-    assert not rt.plans and not rt._prefills
+    assert not rt.plans and not rt.prefills.timed()
 
 
 def test_several_prefills_share_a_time_budget_and_decodes_are_reserved(tmp_path, monkeypatch):
@@ -261,8 +261,8 @@ def test_no_timing_no_bookkeeping(tmp_path, monkeypatch):
 
 def _run_interval_steps(rt, n, fn, start=0):
     """`n` single-prefill steps measured only by their output intervals (no stage timing)."""
-    t = rt.last_output_t if rt.last_output_t is not None else 0.0
-    rt.last_output_t = t
+    t = rt.ledger.last_output_t if rt.ledger.last_output_t is not None else 0.0
+    rt.ledger.last_output_t = t
     for i in range(start, start + n):
         c, h = 256 + 64 * (i % 8), 512 * (i % 16)
         r = req(f"r{i}", h + c + 100, computed=h + c)
@@ -382,8 +382,8 @@ def _run_timed_steps(rt, ex, n, overhead, factor=1.3, shape=_shape):
     from dcpp.integration.vllm import vllm_compat
 
     slower = lambda c, h: factor * true_time(c, h)  # noqa: E731 - the real stage is slower
-    t, prev = (rt.last_output_t or 0.0), None
-    rt.last_output_t = t
+    t, prev = (rt.ledger.last_output_t or 0.0), None
+    rt.ledger.last_output_t = t
     for i in range(n):
         c, h = shape(i)
         r = req(f"r{i}", h + c + 100)
@@ -566,7 +566,7 @@ def test_unwritable_calibration_file_warns_once_and_serving_goes_on(tmp_path, mo
 
     ex = FakeExecutor(step_timing=True)
     rt = runtime(tmp_path, monkeypatch, executor=ex)
-    rt._calibration_path = str(tmp_path / "no-such-dir" / "x.calibration.json")
+    rt.saver.path = str(tmp_path / "no-such-dir" / "x.calibration.json")
     with caplog.at_level(logging.WARNING, logger="vllm.dcpp"):
         _run_timed_steps(rt, ex, 32, 4e-3)  # idle every 8 steps: several save attempts
         rt.close()

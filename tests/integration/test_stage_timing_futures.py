@@ -111,8 +111,8 @@ def run_busy_steps(rt, ex, n):
     record their stage times (stage 1 the slower) when their timer samples it."""
     from dcpp.integration.vllm import vllm_compat
 
-    t = rt.last_output_t or 0.0
-    rt.last_output_t = t
+    t = rt.ledger.last_output_t or 0.0
+    rt.ledger.last_output_t = t
     for i in range(n):
         c, h = 256 + 64 * (i % 8), 512 * (i % 16)
         r = NS(request_id=f"r{ex.outputs}", num_tokens=h + c + 100, num_prompt_tokens=h + c + 100,

@@ -222,8 +222,8 @@ def test_abort_mid_prefill_loses_nothing_and_leaves_nothing_behind(engine):
     assert list(finished["keep-me"].outputs[0].token_ids) == list(static.outputs[0].token_ids)
     # dcpp keeps no per-request state for the aborted requests (nor for the finished one).
     assert not rt.plans and not rt.sizer._deferred
-    assert not internal_ids(rt._prefills, "abort-me")
-    assert not internal_ids(rt._prefills, "abort-me-too")
+    assert not internal_ids(rt.prefills.timed(), "abort-me")
+    assert not internal_ids(rt.prefills.timed(), "abort-me-too")
     assert len(rt.ledger) == 0
 
 

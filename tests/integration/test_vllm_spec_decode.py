@@ -302,7 +302,7 @@ def test_draft_tokens_are_never_prefill(model_dir, monkeypatch, tmp_path, plan):
         if all(d for _, d in step.values()):
             assert added == 0, step
     # No prefill timer or plan left behind; whole prefills are the prompts' chunks only.
-    assert not rt._prefills and not rt.plans
+    assert not rt.prefills.timed() and not rt.plans
     for chunks, history in whole:
         assert history == 0 and sum(chunks) in lengths.values(), (chunks, history)
     # Calibration saw the timed steps with a prefill and no step of decodes only.

@@ -9,25 +9,20 @@ vLLM. Imports no vLLM module: everything it reads from vLLM goes through `vllm_c
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import logging
-import os
 import statistics
 import time
 from typing import Any
 
-from dcpp.integration.vllm import calibration_store, vllm_compat
+from dcpp.integration.vllm import vllm_compat
+from dcpp.integration.vllm.calibration_saver import CalibrationSaver
 from dcpp.integration.vllm.calibrator import Calibrator
-from dcpp.integration.vllm.chunk_sizer import (
-    MAX_LOGGED_REQUESTS,
-    PLAN_MODES,
-    PLAN_OFF,
-    Ask,
-    ChunkSizer,
-)
+from dcpp.integration.vllm.chunk_sizer import PLAN_MODES, PLAN_OFF, Ask, ChunkSizer
 from dcpp.integration.vllm.live_fit import LiveFit
 from dcpp.integration.vllm.metrics import start_metrics
+from dcpp.integration.vllm.prefill_log import PrefillLog
+from dcpp.integration.vllm.request_options import RequestOptions
 from dcpp.integration.vllm.stage_timing import SentStep, StageTiming
 from dcpp.integration.vllm.startup_profile import (
     EngineLimits,
@@ -44,42 +39,28 @@ TIMING_SAMPLE_EVERY = 8
 """Once calibrated, workers time (and synchronise on) 1 in this many steps."""
 
 
-@dataclasses.dataclass
-class _Prefill:
-    """A request in prefill, for the whole-prefill measurement of the per-step cost."""
-
-    started_at: float
-    history: int
-    mode: str
-    alone: bool
-    """Ran alone in every step so far (a shared step's time is not its own)."""
-
-
 class DcppRuntime:
     """Chunk sizing and calibration for one engine."""
 
     def __init__(self, vllm_config: Any, cfg: Any, *, executor: Any | None) -> None:
-        limits = EngineLimits.from_vllm_config(vllm_config)
-        self.cfg, self.vllm_config, self.limits = cfg, vllm_config, limits
-        self.num_stages = limits.num_stages
+        self.cfg, self.vllm_config = cfg, vllm_config
+        self.limits = EngineLimits.from_vllm_config(vllm_config)
+        self.options = RequestOptions(cfg.plan_mode)
         self.predictors: dict[str, Any] = {}
         self.sizer: ChunkSizer | None = None
         self.ledger = StepLedger()
         self.timing = StageTiming(vllm_config, executor)
-        self.chunk_log: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
-        """Executed prefill chunk sizes per request (most recent requests)."""
-        self._prefills: collections.OrderedDict[str, _Prefill] = collections.OrderedDict()
-        self._bad_chunk_sizes: collections.OrderedDict[str, Any] = collections.OrderedDict()
-        self.last_output_t: float | None = None
+        self.prefills = PrefillLog()
         self.interval_errors: collections.deque[float] = collections.deque(
             maxlen=int(cfg.calibration_window))
         """With stage timing: the interval's error (reported only; it carries the overhead)."""
 
         prof = load_or_profile(vllm_config, cfg, executor)
+        self.profile: StartupProfile = prof
+        """Where the profile came from ("live" once the live fit replaced it)."""
         self.model: Any | None = prof.model
         """The planning model in use."""
-        self.profile_source, self.profile_path = prof.source, prof.path
-        self.num_profile_passes = prof.passes
+        self.saver = CalibrationSaver(profile_cache_key(vllm_config, cfg))
         self.metrics = start_metrics(
             int(cfg.metrics_port),
             rank=int(getattr(vllm_config.parallel_config, "data_parallel_rank", 0) or 0))
@@ -89,10 +70,6 @@ class DcppRuntime:
             self.metrics.active.set(1 if self.model is not None else 0)
         self.cal: Calibrator | None = None
         """Calibration on step timings (need_timing with a model), else None."""
-        self._calibration_path: str | None = None
-        self._saved_at = float("-inf")
-        self._unsaved = False
-        self._save_warned = False
         if cfg.need_timing and self.model is not None:
             self.cal = Calibrator(self.model, list(prof.samples),
                                   window=int(cfg.calibration_window),
@@ -107,6 +84,27 @@ class DcppRuntime:
             self._start_live_calibration()
 
     # ------------------------------------------------------------------ views
+    @property
+    def num_stages(self) -> int:
+        return self.limits.num_stages
+
+    @property
+    def profile_source(self) -> str:
+        return self.profile.source
+
+    @property
+    def profile_path(self) -> str | None:
+        return self.profile.path
+
+    @property
+    def num_profile_passes(self) -> int:
+        return self.profile.passes
+
+    @property
+    def chunk_log(self) -> collections.OrderedDict[str, list[int]]:
+        """Executed prefill chunk sizes per request (most recent requests)."""
+        return self.prefills.chunks
+
     @property
     def stage_timing(self) -> bool:
         """Whether calibration measures the workers' per-stage step times."""
@@ -151,9 +149,6 @@ class DcppRuntime:
     def plan_log(self) -> dict:
         return self.sizer.plan_log if self.sizer is not None else {}
 
-    def cache_key(self) -> dict:
-        return profile_cache_key(self.vllm_config, self.cfg)
-
     # ------------------------------------------------------------------ model
     def _build_predictors(self) -> None:
         from dcpp.chunker.predictor import ChunkPredictor
@@ -193,31 +188,6 @@ class DcppRuntime:
             self.metrics.overhead.set(self.cal.overhead_s())
 
     # ------------------------------------------------------------------ scheduling
-    def mode_for(self, request: Any) -> str:
-        override = vllm_compat.request_plan_override(request)
-        if override is None:
-            return self.cfg.plan_mode
-        if override != PLAN_OFF and override not in PLAN_MODES:
-            logger.warning("dcpp: unknown dcpp_plan %r on request %s; using %s", override,
-                           request.request_id, self.cfg.plan_mode)
-            return self.cfg.plan_mode
-        return override
-
-    def fixed_chunk_for(self, request: Any) -> int | None:
-        """The request's `dcpp_chunk_size` (fixed chunks of that many tokens), or None."""
-        value = vllm_compat.request_chunk_size_override(request)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            if request.request_id not in self._bad_chunk_sizes:  # warn once per request
-                self._bad_chunk_sizes[request.request_id] = value
-                _trim(self._bad_chunk_sizes)
-                logger.warning("dcpp: dcpp_chunk_size=%r on request %s is not an int >= 1; "
-                               "ignored (fix: pass a positive token count, e.g. 2048)",
-                               value, request.request_id)
-            return None
-        return value
-
     def begin_step(self, scheduler: Any) -> None:
         if self.sizer is not None:
             self.sizer.begin_step(vllm_compat.step_token_budget(scheduler)
@@ -234,12 +204,12 @@ class DcppRuntime:
         if sizer is None or not sizer.in_step or offered <= 1:
             return offered
         return sizer.size(Ask(
-            request_id=request.request_id, mode=self.mode_for(request),
+            request_id=request.request_id, mode=self.options.mode(request),
             total=vllm_compat.request_num_tokens(request), history=int(history),
             offered=int(offered),
             encoder_spans=vllm_compat.unsplittable_encoder_spans(scheduler, request),
             block_align=vllm_compat.mamba_block_align(scheduler),
-            fixed=self.fixed_chunk_for(request)))
+            fixed=self.options.fixed_chunk(request)))
 
     def end_step(self, scheduler: Any, out: Any) -> None:
         """The step vLLM scheduled: advance plans, log chunks, put it in the ledger."""
@@ -256,16 +226,14 @@ class DcppRuntime:
                 continue
             has_prefill = True
             prefills[rid] = (n, history)
-            if self.cal is not None and rid not in self._prefills:
+            if self.cal is not None and rid not in self.prefills:
                 request = vllm_compat.live_request(scheduler, rid)
-                mode = self.mode_for(request)
-                self._prefills[rid] = _Prefill(now, history, mode, True)
-                _trim(self._prefills)
-                labels[rid] = "fixed" if self.fixed_chunk_for(request) is not None else mode
+                mode = self.options.mode(request)
+                self.prefills.start(rid, now, history, measured=mode != PLAN_OFF)
+                labels[rid] = "fixed" if self.options.fixed_chunk(request) is not None else mode
             if self.metrics is not None:
                 self.metrics.chunk_tokens.observe(n)
-            self.chunk_log.setdefault(rid, []).append(n)
-            _trim(self.chunk_log)
+            self.prefills.ran(rid, n)
             if self.sizer is not None:
                 self.sizer.advance(rid, history, n)
             if history + n >= total:
@@ -275,9 +243,7 @@ class DcppRuntime:
         if (self.cal is None and self.live is None) or not batch:
             return
         if len(batch) > 1:
-            for rid in out.num_scheduled_tokens:
-                if rid in self._prefills:
-                    self._prefills[rid].alone = False
+            self.prefills.shared(out.num_scheduled_tokens)
         sent = self.timing.track(out, batch, has_prefill, prefills=prefills, finishing=finishing,
                                  labels=labels)
         self.ledger.push(LedgerEntry(sent.fingerprint, now, batch, has_prefill, finishing, sent))
@@ -291,11 +257,7 @@ class DcppRuntime:
         if self.sizer is not None:
             self.sizer.forget(request_ids)
         self.timing.forget(request_ids)
-        if request_ids is None:
-            self._prefills.clear()
-            return
-        for rid in request_ids:
-            self._prefills.pop(rid, None)
+        self.prefills.forget(request_ids)
 
     # ------------------------------------------------------------------ measurements
     def on_output(self, scheduler_output: Any, t_out: float, idle: bool = False) -> None:
@@ -304,23 +266,17 @@ class DcppRuntime:
             if self.live is not None:
                 self._live_output(scheduler_output, t_out, idle)
             return
-        entry = self.ledger.pop(vllm_compat.step_fingerprint(scheduler_output))
-        last, self.last_output_t = self.last_output_t, t_out
-        # Only steps that queued behind another in the pipeline measure the pace (the step
-        # interval); the first step of a burst also includes the fill of all stages.
-        if (entry is not None and entry.has_prefill and last is not None
-                and last > entry.scheduled_at and t_out > last):
-            self._observe_interval(entry.batch, t_out - last, entry.sent)
+        entry, interval = self.ledger.returned(vllm_compat.step_fingerprint(scheduler_output),
+                                               t_out)
+        if interval is not None:
+            self._observe_interval(entry.batch, interval, entry.sent)
         if self.stage_timing:
             self.timing.poll(idle, self._observe_stage_time,
                              returned=entry.sent if entry is not None else None)
         if entry is not None and entry.finishing:
             self._observe_requests(entry.finishing, t_out)
-        if (idle and self._unsaved
-                and time.monotonic() - self._saved_at >= calibration_store.SAVE_IDLE_S):
-            # vLLM's API server kills the engine core at shutdown (unless --shutdown-timeout
-            # is set), so an idle engine is where the state reliably gets to disk.
-            self.save_calibration()
+        if idle:
+            self.saver.idle(self.cal)
 
     def _observe_interval(self, batch: list, elapsed: float, sent: SentStep) -> None:
         if self.stage_timing:
@@ -341,25 +297,18 @@ class DcppRuntime:
     def _observe(self, batch: list, measured: float, interval: float | None) -> None:
         refits = self.cal.num_refits
         error = self.cal.observe(batch, measured, interval)
-        self._unsaved = True
         if self.metrics is not None:
             self.metrics.prediction_error.observe(error)
         self._refresh_planning_model()
-        if (self.cal.num_refits > refits
-                and time.monotonic() - self._saved_at >= calibration_store.SAVE_EVERY_S):
-            self.save_calibration()
+        self.saver.learnt(self.cal, refitted=self.cal.num_refits > refits)
 
     def _observe_requests(self, request_ids: list[str], t_out: float) -> None:
         """Whole prefills of planned requests that ran alone teach the per-step cost the
         planner charges for every extra chunk (turnaround, hand-offs, jitter), which per-step
         compute timings cannot see."""
-        for rid in request_ids:
-            info = self._prefills.pop(rid, None)
-            chunks = self.chunk_log.get(rid, [])
-            if info is None or not info.alone or info.mode == PLAN_OFF or len(chunks) < 4:
-                continue
-            self.cal.observe_request(chunks, info.history, t_out - info.started_at)
-            self._unsaved = True
+        for whole in self.prefills.finish(request_ids, t_out):
+            self.cal.observe_request(whole.chunks, whole.history, whole.elapsed_s)
+            self.saver.learnt(self.cal, refitted=False)
         self._refresh_planning_model()
 
     # ------------------------------------------------------------------ live calibration
@@ -373,14 +322,13 @@ class DcppRuntime:
     def _live_output(self, scheduler_output: Any, t_out: float, idle: bool) -> None:
         """`on_output` before the live fit: timings go to `self.live` (same sources and
         interval rule as calibration)."""
-        entry = self.ledger.pop(vllm_compat.step_fingerprint(scheduler_output))
-        last, self.last_output_t = self.last_output_t, t_out
+        entry, interval = self.ledger.returned(vllm_compat.step_fingerprint(scheduler_output),
+                                               t_out)
         if self.stage_timing:
             self.timing.poll(idle, self._observe_live,
                              returned=entry.sent if entry is not None else None)
-        elif (entry is not None and entry.has_prefill and last is not None
-              and last > entry.scheduled_at and t_out > last):
-            self._observe_live(entry.batch, t_out - last, None)
+        elif interval is not None:
+            self._observe_live(entry.batch, interval, None)
 
     def _observe_live(self, batch: list, measured: float, interval: float | None) -> None:
         if self.cal is not None:  # switched earlier in this same drain
@@ -395,11 +343,9 @@ class DcppRuntime:
         fit is cached as this engine's profile (a restart plans at once)."""
         live, self.live = self.live, None
         points = live.profile_samples()
-        now = time.monotonic()
-        for rid in self.chunk_log:  # prefills begun before: no whole-prefill measurement
-            self._prefills.setdefault(rid, _Prefill(now, 0, PLAN_OFF, False))
-        _trim(self._prefills)
-        self.model, self.profile_source = model, "live"
+        self.prefills.start_unmeasured(time.monotonic())  # prefills begun before
+        self.model = model
+        self.profile = dataclasses.replace(self.profile, model=model, source="live")
         self.cal = Calibrator(model, [([(c, h)], s) for c, h, s in points],
                               window=int(self.cfg.calibration_window),
                               drift_threshold=float(self.cfg.drift_threshold),
@@ -419,55 +365,23 @@ class DcppRuntime:
     # ------------------------------------------------------------------ persistence
     def _restore_calibration(self, prof: Any) -> None:
         """Start from what the previous engine with this profile learnt (`calibration_store`)."""
-        self._calibration_path = (calibration_store.path_for(prof.path)
-                                  if prof.path and prof.source != "none" else None)
-        self._profile_digest = calibration_store.profile_digest(self.cal.profile_samples)
-        path = self._calibration_path
-        if path is None:
-            return
-        if prof.source == "profiled" and os.path.exists(path):
-            logger.info("dcpp: removing %s (learnt on an earlier profile)", path)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            return
-        try:
-            state = calibration_store.load(path, cache_key=self.cache_key(),
-                                           digest=self._profile_digest)
-        except (OSError, ValueError) as exc:
-            logger.warning("dcpp: ignoring calibration file %s (%s); calibrating afresh",
-                           path, exc)
-            return
-        if not state:
+        state = self.saver.load(prof, self.cal)
+        if state is None:
             return
         self.cal.restore(state.step_samples, state.request_gaps, state.overheads)
         self._refresh_planning_model()
         logger.info("dcpp: calibration loaded from %s (%d step timings, %d whole prefills); "
-                    "per-step overhead %.2f ms; model %s", path, len(state.step_samples),
-                    len(state.request_gaps), 1e3 * self.overhead_s(), _fit_repr(self.model))
+                    "per-step overhead %.2f ms; model %s", self.saver.path,
+                    len(state.step_samples), len(state.request_gaps), 1e3 * self.overhead_s(),
+                    _fit_repr(self.model))
 
     def save_calibration(self) -> None:
         """Write what calibration learnt beside the profile (a warning, once, if it cannot)."""
-        path = self._calibration_path
-        if path is None or self.cal is None:
-            return
-        state = calibration_store.CalibrationState(
-            list(self.cal.samples), list(self.cal.request_gaps), list(self.cal.overheads))
-        if not state:
-            return
-        self._saved_at, self._unsaved = time.monotonic(), False
-        try:
-            calibration_store.save(path, state, cache_key=self.cache_key(),
-                                   digest=self._profile_digest)
-        except OSError as exc:
-            if not self._save_warned:
-                self._save_warned = True
-                logger.warning("dcpp: could not save calibration to %s (%s); a restart will "
-                               "calibrate afresh", path, exc)
+        self.saver.save(self.cal)
 
     def close(self) -> None:
         """Save what calibration learnt; release the metrics port."""
-        if self._unsaved:
-            self.save_calibration()
+        self.saver.close(self.cal)
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
@@ -486,11 +400,6 @@ class DcppRuntime:
             "model": _fit_repr(self.model),
             "bubbles": self.timing.bubble_summary(),
         }
-
-
-def _trim(log: collections.OrderedDict) -> None:
-    while len(log) > MAX_LOGGED_REQUESTS:
-        log.popitem(last=False)
 
 
 def _fit_repr(model: Any) -> Any:

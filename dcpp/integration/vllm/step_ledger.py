@@ -34,6 +34,8 @@ class LedgerEntry:
 class StepLedger:
     def __init__(self) -> None:
         self._queue: collections.deque[LedgerEntry] = collections.deque()
+        self.last_output_t: float | None = None
+        """Monotonic seconds when the last output came back."""
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -51,3 +53,16 @@ class StepLedger:
                     got = self._queue.popleft()
                 return got
         return None
+
+    def returned(self, fingerprint: int, t_out: float) -> tuple[LedgerEntry | None, float | None]:
+        """A step's output came back at `t_out`: its entry, and the step interval it measures.
+
+        Only a prefill step that queued behind another in the pipeline measures the pace (the
+        interval since the previous output); the first step of a burst also includes the fill
+        of all stages. None where it measures nothing."""
+        entry = self.pop(fingerprint)
+        last, self.last_output_t = self.last_output_t, t_out
+        if (entry is not None and entry.has_prefill and last is not None
+                and last > entry.scheduled_at and t_out > last):
+            return entry, t_out - last
+        return entry, None

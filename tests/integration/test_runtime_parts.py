@@ -1,0 +1,105 @@
+"""The runtime's small parts on their own (no vLLM): PrefillLog, StepLedger.returned,
+RequestOptions, CalibrationSaver."""
+
+from __future__ import annotations
+
+import logging
+import os
+from types import SimpleNamespace as NS
+
+from dcpp.integration.vllm.calibration_saver import CalibrationSaver
+from dcpp.integration.vllm.prefill_log import PrefillLog
+from dcpp.integration.vllm.request_options import RequestOptions
+from dcpp.integration.vllm.step_ledger import LedgerEntry, StepLedger
+
+
+def test_only_planned_prefills_that_ran_alone_in_four_chunks_are_measured():
+    log = PrefillLog()
+    for rid, measured in (("alone", True), ("shared", True), ("static", False), ("short", True)):
+        log.start(rid, 10.0, history=64, measured=measured)
+    log.start("alone", 99.0, history=0, measured=False)  # already timed: no restart
+    for _ in range(4):
+        for rid in ("alone", "shared", "static"):
+            log.ran(rid, 512)
+    log.ran("short", 512)
+    log.shared(["shared", "not-timed"])
+    done = log.finish(["alone", "shared", "static", "short", "unknown"], t_out=12.5)
+    assert [(d.chunks, d.history, d.elapsed_s) for d in done] == [([512] * 4, 64, 2.5)]
+    assert log.timed() == [] and log.chunks["shared"] == [512] * 4  # chunk logs stay
+
+
+def test_prefills_begun_before_timing_started_are_never_measured():
+    log = PrefillLog()
+    for _ in range(5):
+        log.ran("early", 256)
+    log.start_unmeasured(now=1.0)
+    assert "early" in log and log.finish(["early"], t_out=2.0) == []
+
+
+def _entry(fp, at, prefill=True):
+    return LedgerEntry(fp, at, [(256, 0)], prefill, [], NS())
+
+
+def test_only_a_prefill_step_that_queued_behind_another_measures_an_interval():
+    ledger = StepLedger()
+    for fp, at in ((1, 0.0), (2, 0.1), (3, 0.2)):
+        ledger.push(_entry(fp, at))
+    ledger.push(_entry(4, 0.3, prefill=False))
+    entry, interval = ledger.returned(1, t_out=0.5)  # the first output: the pipeline filled
+    assert entry.fingerprint == 1 and interval is None
+    entry, interval = ledger.returned(2, t_out=0.8)
+    assert entry.fingerprint == 2 and abs(interval - 0.3) < 1e-12
+    entry, interval = ledger.returned(4, t_out=1.0)  # 3 never came back; 4 is a decode
+    assert entry.fingerprint == 4 and interval is None and len(ledger) == 0
+
+
+def test_a_step_scheduled_after_the_last_output_measures_no_interval():
+    ledger = StepLedger()
+    ledger.push(_entry(1, 0.0))
+    ledger.returned(1, t_out=0.5)
+    ledger.push(_entry(2, 0.6))  # the pipeline was empty when it was scheduled
+    entry, interval = ledger.returned(2, t_out=0.9)
+    assert entry.fingerprint == 2 and interval is None
+    assert ledger.returned(99, t_out=1.0) == (None, None)
+
+
+def _request(rid, **extra):
+    return NS(request_id=rid, sampling_params=NS(extra_args=extra))
+
+
+def test_bad_request_options_fall_back_with_one_warning_each(caplog):
+    opts = RequestOptions("pipeline")
+    with caplog.at_level(logging.WARNING, logger="vllm.dcpp"):
+        for _ in range(3):
+            assert opts.mode(_request("a", dcpp_plan="fastest")) == "pipeline"
+            assert opts.fixed_chunk(_request("a", dcpp_chunk_size=0)) is None
+    assert caplog.text.count("unknown dcpp_plan 'fastest'") == 1
+    assert caplog.text.count("dcpp_chunk_size=0 on request a") == 1
+    assert opts.mode(_request("b", dcpp_plan="off")) == "off"
+    assert opts.fixed_chunk(_request("b", dcpp_chunk_size=1024)) == 1024
+    assert opts.mode(_request("c")) == "pipeline" and opts.fixed_chunk(_request("c")) is None
+
+
+class _Cal:
+    profile_samples = [([(256, 0)], 1e-3)]
+
+    def __init__(self):
+        self.samples, self.request_gaps, self.overheads = [([(256, 0)], 1e-3)], [], []
+
+
+def test_the_saver_writes_on_idle_once_something_is_learnt_and_reads_it_back(tmp_path):
+    profile = NS(path=str(tmp_path / "p.json"), source="cache")
+    cal = _Cal()
+    saver = CalibrationSaver({"model": "m"})
+    assert saver.load(profile, cal) is None and saver.path.endswith("p.calibration.json")
+    saver.idle(cal)
+    assert not os.path.exists(saver.path)  # nothing learnt yet
+    saver.learnt(cal, refitted=False)
+    saver.idle(cal)
+    assert os.path.exists(saver.path)
+    state = CalibrationSaver({"model": "m"}).load(profile, cal)
+    assert state.step_samples == [([(256, 0)], 1e-3)]
+    assert CalibrationSaver({"model": "other"}).load(profile, cal) is None  # another engine's
+    fresh = NS(path=profile.path, source="profiled")  # re-profiled: the old file goes
+    assert CalibrationSaver({"model": "m"}).load(fresh, cal) is None
+    assert not os.path.exists(saver.path)
