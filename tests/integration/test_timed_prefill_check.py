@@ -10,7 +10,7 @@ from types import SimpleNamespace as NS
 import numpy as np
 import pytest
 
-from dcpp.integration.vllm import vllm_compat
+from dcpp.integration.vllm import vllm_compat_worker
 from dcpp.integration.vllm.worker_extension import stage_timed_prefill
 
 
@@ -91,10 +91,10 @@ def test_runner_without_readable_buffers_is_trusted_on_its_signature():
 
 
 def test_runner_without_dummy_run_or_max_num_seqs():
-    assert "has no _dummy_run" in vllm_compat.timed_prefill_unsupported(worker(object()))
+    assert "has no _dummy_run" in vllm_compat_worker.timed_prefill_unsupported(worker(object()))
     runner = V1Like()
     runner.scheduler_config = NS()
-    assert "max_num_seqs" in vllm_compat.timed_prefill_unsupported(worker(runner))
+    assert "max_num_seqs" in vllm_compat_worker.timed_prefill_unsupported(worker(runner))
 
 
 @pytest.mark.vllm
@@ -113,7 +113,7 @@ def test_vllm_032_runner_classes():
         return r
 
     for cls in (GpuV1, CpuV1):
-        assert vllm_compat.timed_prefill_unsupported(worker(runner(cls))) is None, cls
+        assert vllm_compat_worker.timed_prefill_unsupported(worker(runner(cls))) is None, cls
     for cls in (GpuV2, CpuV2):
-        reason = vllm_compat.timed_prefill_unsupported(worker(runner(cls)))
+        reason = vllm_compat_worker.timed_prefill_unsupported(worker(runner(cls)))
         assert reason and "**kwargs" in reason and cls.__module__ in reason, (cls, reason)

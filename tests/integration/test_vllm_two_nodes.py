@@ -112,13 +112,13 @@ def chunks(rt, request_id):
 
 def test_each_stage_runs_on_its_own_node(two_nodes):
     """PP rank 0's worker is node 0's child; PP rank 1's lives in the headless node."""
-    from dcpp.integration.vllm import vllm_compat
+    from dcpp.integration.vllm import vllm_compat_worker
 
     eng = two_nodes["engine"]
     ex = eng.core.model_executor
     assert type(ex).__name__ == "MultiprocExecutor"
     got = ex.collective_rpc(lambda worker: {"pid": os.getpid(),
-                                            **vllm_compat.worker_stage(worker)})
+                                            **vllm_compat_worker.worker_stage(worker)})
     by_rank = {r["pp_rank"]: r["pid"] for r in got}
     assert sorted(by_rank) == [0, 1], got
     assert by_rank[0] in {p.pid for p in two_nodes["node0_procs"]}, got

@@ -2,7 +2,7 @@
 (plain Python, no vLLM import).
 
 Used where a model runner cannot time a prefill after a history (vLLM's V2 runner, see
-`vllm_compat.timed_prefill_unsupported`), or where the user sets ``live_calibration``. The
+`vllm_compat_worker.timed_prefill_unsupported`), or where the user sets ``live_calibration``. The
 engine serves vLLM's static chunks with every step timed on every stage; `LiveFit` collects the
 (batch, slowest-stage seconds) of each prefill step and fits once they cover enough (chunk,
 history) points (`ReadinessRule`); the runtime then switches to dynamic chunking.

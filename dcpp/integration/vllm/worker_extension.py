@@ -9,21 +9,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from dcpp.integration.vllm import vllm_compat
+from dcpp.integration.vllm import vllm_compat_worker as worker_compat
 
 
 def stage_timed_prefill(worker: Any, num_tokens: int, history: int, repeats: int = 1) -> dict:
     """Time one prefill chunk on this worker's stage; returns rank info and seconds, or, where
     this worker's model runner cannot time one prefill after a history, ``seconds`` None and
-    ``unsupported`` saying why (vLLM's V2 runner; `vllm_compat.timed_prefill_unsupported`),
-    so the scheduler calibrates from live traffic instead of fitting meaningless timings."""
-    info = vllm_compat.worker_stage(worker)
-    reason = vllm_compat.timed_prefill_unsupported(worker)
+    ``unsupported`` saying why (vLLM's V2 runner;
+    `vllm_compat_worker.timed_prefill_unsupported`), so the scheduler calibrates from live
+    traffic instead of fitting meaningless timings."""
+    info = worker_compat.worker_stage(worker)
+    reason = worker_compat.timed_prefill_unsupported(worker)
     if reason is None:
         try:
-            info["seconds"] = vllm_compat.timed_prefill(worker, num_tokens, history, repeats)
+            info["seconds"] = worker_compat.timed_prefill(worker, num_tokens, history, repeats)
             return info
-        except vllm_compat.TimedPrefillUnsupported as exc:
+        except worker_compat.TimedPrefillUnsupported as exc:
             reason = str(exc)
     info["seconds"] = None
     info["unsupported"] = reason
@@ -32,18 +33,18 @@ def stage_timed_prefill(worker: Any, num_tokens: int, history: int, repeats: int
 
 def enable_step_timing(worker: Any, every: int = 1) -> dict:
     """Start recording this stage's compute time of 1 in `every` steps (need_timing only)."""
-    info = vllm_compat.worker_stage(worker)
-    info["ok"] = vllm_compat.install_step_timer(worker, every=every)
+    info = worker_compat.worker_stage(worker)
+    info["ok"] = worker_compat.install_step_timer(worker, every=every)
     return info
 
 
 def drain_step_times(worker: Any, every: int | None = None) -> dict:
     """This stage's step compute times recorded since the last call; then time 1 in `every`
     steps (None: keep the rate)."""
-    info = vllm_compat.worker_stage(worker)
-    info["times"] = vllm_compat.drain_step_times(worker)
+    info = worker_compat.worker_stage(worker)
+    info["times"] = worker_compat.drain_step_times(worker)
     if every is not None:
-        vllm_compat.set_step_timing_rate(worker, every)
+        worker_compat.set_step_timing_rate(worker, every)
     return info
 
 
