@@ -11,6 +11,7 @@ from dcpp.integration.vllm.calibration_saver import CalibrationSaver
 from dcpp.integration.vllm.prefill_log import PrefillLog
 from dcpp.integration.vllm.request_options import RequestOptions
 from dcpp.integration.vllm.step_ledger import LedgerEntry, StepLedger
+from dcpp.integration.vllm.step_overhead import StepOverhead
 
 
 def test_only_planned_prefills_that_ran_alone_in_four_chunks_are_measured():
@@ -84,7 +85,7 @@ class _Cal:
     profile_samples = [([(256, 0)], 1e-3)]
 
     def __init__(self):
-        self.samples, self.request_gaps, self.overheads = [([(256, 0)], 1e-3)], [], []
+        self.samples, self.overhead = [([(256, 0)], 1e-3)], StepOverhead(num_stages=2)
 
 
 def test_the_saver_writes_on_idle_once_something_is_learnt_and_reads_it_back(tmp_path):
@@ -98,8 +99,24 @@ def test_the_saver_writes_on_idle_once_something_is_learnt_and_reads_it_back(tmp
     saver.idle(cal)
     assert os.path.exists(saver.path)
     state = CalibrationSaver({"model": "m"}).load(profile, cal)
-    assert state.step_samples == [([(256, 0)], 1e-3)]
+    assert state.step_samples == [([(256, 0)], 1e-3)] and state.request_gaps == []
     assert CalibrationSaver({"model": "other"}).load(profile, cal) is None  # another engine's
     fresh = NS(path=profile.path, source="profiled")  # re-profiled: the old file goes
     assert CalibrationSaver({"model": "m"}).load(fresh, cal) is None
     assert not os.path.exists(saver.path)
+
+
+def test_steady_intervals_give_the_overhead_until_three_whole_prefills_do():
+    from dcpp.chunker.latency_model import HistoryLatencyModel
+
+    over = StepOverhead(num_stages=2)
+    over.observe_step(10e-3, None)
+    over.observe_step(10.5e-3, 12.5e-3)  # steady: 2 ms over compute
+    over.observe_step(20e-3, 30e-3)  # grew by 90%: not steady, not counted
+    assert abs(over.seconds() - 2e-3) < 1e-12
+    model = HistoryLatencyModel(alpha=0.0, beta=0.0, gamma=1e-5, delta=0.0, c=0.0)
+    for _ in range(2):  # 4 chunks of 100 tokens, P=2: model TTFT (4+1) * 1 ms = 5 ms
+        over.observe_request(model, [100] * 4, 0, elapsed=10e-3)
+    assert abs(over.seconds() - 2e-3) < 1e-12  # two prefills do not decide yet
+    over.observe_request(model, [100] * 4, 0, elapsed=10e-3)
+    assert abs(over.seconds() - 1e-3) < 1e-12  # (10 - 5) ms over 5 steps

@@ -472,7 +472,7 @@ def test_whole_prefill_times_teach_the_per_step_cost(tmp_path, monkeypatch):
                     len(chunks) + 1)
             rt.on_output(out, clock[0], idle=done)
         clock[0] += 1.0
-    assert len(rt.cal.request_gaps) == 4
+    assert len(rt.cal.overhead.request_gaps) == 4
     assert rt.overhead_s() == pytest.approx(extra, rel=0.02)
     assert rt.model.c == pytest.approx(rt.compute_model.c + extra)
     assert len(rt.predictors["pipeline"].plan(6000, history=0)) < len(chunks_before)

@@ -72,7 +72,7 @@ class CalibrationSaver:
         if self.path is None or cal is None:
             return
         state = calibration_store.CalibrationState(
-            list(cal.samples), list(cal.request_gaps), list(cal.overheads))
+            list(cal.samples), list(cal.overhead.request_gaps), list(cal.overhead.intervals))
         if not state:
             return
         self._saved_at, self._unsaved = time.monotonic(), False

@@ -22,6 +22,8 @@ import logging
 import statistics
 from typing import Any
 
+from dcpp.integration.vllm.step_overhead import StepOverhead
+
 logger = logging.getLogger("vllm.dcpp")  # under "vllm": uses its log handler and level
 
 REFIT_MIN_STEPS = 64
@@ -42,10 +44,6 @@ start-up (profile vs real steps, often a global offset) do `SCALE_MIN_STEPS` suf
 
 DRIFT_SPAN = 8
 """Recent steps whose median error decides whether drift is suspected."""
-
-STEADY = 0.10
-"""Consecutive steps whose compute differs by at most this fraction count as a steady
-pipeline (only those measure the per-step overhead from intervals)."""
 
 
 class Calibrator:
@@ -68,19 +66,14 @@ class Calibrator:
         self.step_log: collections.deque[tuple[list, float, float]] = collections.deque(
             maxlen=1024)
         """(batch, predicted s, measured s) of recent steps (reports such as `make demo`)."""
-        self.overheads: collections.deque[float] = collections.deque(maxlen=64)
-        """(interval - compute) of steady steps: the engine's per-step overhead."""
-        self.request_gaps: collections.deque[float] = collections.deque(maxlen=32)
-        """Per planned request that ran alone: (measured prefill time - the model's TTFT of its
-        chunks) / (steps + P - 1): the per-step cost the pipeline really adds."""
+        self.overhead = StepOverhead(num_stages)
+        """The engine's per-step cost beyond compute."""
         self.drift_threshold = float(drift_threshold)
-        self.num_stages = int(num_stages)
         self.num_observations = 0
         self.num_refits = 0
         self.drift_events = 0
         self.last_refit_error: str | None = None
         self._drift_refit_at = 0
-        self._prev_measured: float | None = None
 
     # ------------------------------------------------------------------ observations
     def observe(self, batch: list, measured: float, interval: float | None = None) -> float:
@@ -90,20 +83,13 @@ class Calibrator:
         error = abs(predicted - measured) / measured
         self.errors.append(error)
         self.step_log.append((list(batch), predicted, measured))
-        prev, self._prev_measured = self._prev_measured, measured
-        if interval is not None and prev is not None and abs(measured / prev - 1.0) <= STEADY:
-            # Only in a full pipeline of equal steps is the interval compute plus overhead;
-            # steps that grow carry their growth too, easily 100x the overhead.
-            self.overheads.append(interval - measured)
+        self.overhead.observe_step(measured, interval)
         self._learn(batch, measured)
         return error
 
     def observe_request(self, chunks: list[int], history: int, elapsed: float) -> None:
         """A planned request's whole prefill ran alone in `elapsed` s."""
-        from dcpp.chunker.planner import plan_cost
-
-        model_s = plan_cost(self.model, chunks, self.num_stages, history=history)
-        self.request_gaps.append((elapsed - model_s) / (len(chunks) + self.num_stages - 1))
+        self.overhead.observe_request(self.model, chunks, history, elapsed)
 
     def _learn(self, batch: list, measured: float) -> None:
         self.num_observations += 1
@@ -179,11 +165,8 @@ class Calibrator:
         return self.num_observations < REFIT_MIN_STEPS or self._recent_error_high()
 
     def overhead_s(self) -> float:
-        """Per-step cost beyond compute (s, >= 0): from whole prefills once 3 planned requests
-        ran alone, else from steady step intervals."""
-        if len(self.request_gaps) >= 3:
-            return max(0.0, statistics.median(self.request_gaps))
-        return max(0.0, statistics.median(self.overheads)) if self.overheads else 0.0
+        """Per-step cost beyond compute (s, >= 0)."""
+        return self.overhead.seconds()
 
     def planning_model(self, *, add_overhead: bool) -> Any:
         """The model the planner needs: with `add_overhead` (the measurement was compute only)
@@ -197,7 +180,7 @@ class Calibrator:
     def restore(self, samples: list, request_gaps: list, overheads: list) -> None:
         """Start from a previous engine's state (refits at once when it has enough steps)."""
         self.samples.extend(samples)
-        self.request_gaps.extend(request_gaps)
-        self.overheads.extend(overheads)
+        self.overhead.request_gaps.extend(request_gaps)
+        self.overhead.intervals.extend(overheads)
         if len(self.samples) >= REFIT_MIN_STEPS:
             self.refit()
