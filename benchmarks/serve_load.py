@@ -47,13 +47,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import signal
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")
@@ -64,126 +63,26 @@ os.environ.setdefault("DCPP_PROFILE_REPEATS", "3")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_stats import paired_ci, paired_median  # noqa: E402
+from serve_report import (  # noqa: E402
+    REFERENCE,
+    headline,
+    percentile,
+    plot,
+    print_headline,
+    print_workload,
+    summarise,
+)
+from serve_workloads import (  # noqa: E402
+    QUICK,
+    WORKLOADS,
+    Scale,
+    Session,
+    build_sessions,
+    max_prompt_len,
+)
+
 from dcpp.integration.vllm import harness, load_client  # noqa: E402
 
-REFERENCE = "off"
-LABEL = {"off": "vLLM (off)", "pipeline": "dcpp default", "equal_time": "equal-time"}
-# Per-round metrics; True where higher is better.
-METRICS = {"input_tput": True, "req_s": True, "ttft_p50": False, "ttft_p99": False,
-           "itl_p50": False, "itl_p99": False}
-
-
-# --------------------------------------------------------------------------- workloads
-
-
-@dataclass(frozen=True)
-class Scale:
-    """Sizes of the four workloads (default set, or ``--quick``)."""
-
-    long_len: int = 16384
-    long_requests: int = 1
-    var_lo: int = 1024
-    var_hi: int = 16384
-    var_requests: int = 8
-    prefix_len: int = 8192
-    prefix_convs: int = 4
-    prefix_turns: int = 4
-    turn_lo: int = 128
-    turn_hi: int = 1024
-    turn_out: tuple[int, int] = (16, 32)
-    mixed_long: int = 4
-    mixed_lo: int = 4096
-    mixed_hi: int = 16384
-    mixed_chat: int = 12
-    chat_lo: int = 128
-    chat_hi: int = 1024
-    chat_out: tuple[int, int] = (64, 128)
-    long_out: int = 8
-
-
-QUICK = Scale(long_len=4096, var_lo=512, var_hi=4096, var_requests=4, prefix_len=2048,
-              prefix_turns=2, turn_hi=512, turn_out=(8, 16), mixed_long=2, mixed_lo=1024,
-              mixed_hi=4096, mixed_chat=6, chat_hi=512, chat_out=(16, 32), long_out=4)
-
-
-@dataclass
-class Turn:
-    user: list[int]
-    """New tokens of this turn (appended to the conversation so far)."""
-    max_tokens: int
-
-
-@dataclass
-class Session:
-    """What one client sends in a row: one request, or the turns of a conversation (each
-    turn's prompt = prefix + earlier turns and their answers + this turn's tokens)."""
-
-    kind: str
-    turns: list[Turn]
-    prefix: list[int] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Workload:
-    name: str
-    concurrency: int
-    primary: str
-    """The metric that picks the best fixed chunk: TTFT alone, throughput under load."""
-    describe: str
-
-
-WORKLOADS = {
-    "single-long": Workload("single-long", 1, "ttft_p50", "1 client, one long prompt"),
-    "varlen-c4": Workload("varlen-c4", 4, "input_tput", "4 clients, log-uniform lengths"),
-    "prefix-c4": Workload("prefix-c4", 4, "input_tput",
-                          "4 clients, multi-turn over a shared prefix"),
-    "mixed-c16": Workload("mixed-c16", 16, "input_tput", "16 clients, long prefills + chat"),
-}
-
-
-def build_sessions(name: str, scale: Scale, seed: int) -> list[Session]:
-    """The round's requests for workload ``name``; ``seed`` fixes lengths and tokens."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-
-    def tokens(n: int) -> list[int]:
-        return rng.integers(1, 500, size=int(n)).tolist()
-
-    def loguniform(lo: int, hi: int) -> int:
-        return int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
-
-    def between(lo_hi: tuple[int, int]) -> int:
-        return int(rng.integers(lo_hi[0], lo_hi[1] + 1))
-
-    s = scale
-    if name == "single-long":
-        return [Session("long", [Turn(tokens(s.long_len), s.long_out)])
-                for _ in range(s.long_requests)]
-    if name == "varlen-c4":
-        return [Session("long", [Turn(tokens(loguniform(s.var_lo, s.var_hi)), s.long_out)])
-                for _ in range(s.var_requests)]
-    if name == "prefix-c4":
-        prefix = tokens(s.prefix_len)
-        return [Session("conversation", [Turn(tokens(loguniform(s.turn_lo, s.turn_hi)),
-                                              between(s.turn_out))
-                                         for _ in range(s.prefix_turns)], prefix=prefix)
-                for _ in range(s.prefix_convs)]
-    if name == "mixed-c16":
-        out = [Session("long", [Turn(tokens(loguniform(s.mixed_lo, s.mixed_hi)), s.long_out)])
-               for _ in range(s.mixed_long)]
-        out += [Session("chat", [Turn(tokens(loguniform(s.chat_lo, s.chat_hi)),
-                                      between(s.chat_out))])
-                for _ in range(s.mixed_chat)]
-        order = rng.permutation(len(out))
-        return [out[i] for i in order]
-    raise ValueError(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
-
-
-def max_prompt_len(scale: Scale) -> int:
-    conv = scale.prefix_len + scale.prefix_turns * (scale.turn_hi + scale.turn_out[1])
-    return max(scale.long_len, scale.var_hi, scale.mixed_hi, scale.chat_hi, conv)
 
 
 # --------------------------------------------------------------------------- modes
@@ -195,8 +94,6 @@ def mode_xargs(mode: str) -> dict:
     return {"dcpp_plan": mode}
 
 
-def label(mode: str) -> str:
-    return LABEL.get(mode, mode.replace("fixed-", "fixed "))
 
 
 def round_order(modes: list[str], r: int) -> list[str]:
@@ -211,10 +108,6 @@ def round_order(modes: list[str], r: int) -> list[str]:
 # --------------------------------------------------------------------------- one round
 
 
-def percentile(values, q: float) -> float:
-    import numpy as np
-
-    return float(np.percentile(values, q)) if len(values) else float("nan")
 
 
 async def run_round(base: str, model: str, sessions: list[Session], concurrency: int,
@@ -273,169 +166,6 @@ async def run_round(base: str, model: str, sessions: list[Session], concurrency:
                         "itl_p99": percentile(v["itl"], 99)} for k, v in kinds.items()},
         "outputs": {f"{i}.{k}": results[(i, k)].output_ids for (i, k) in done},
     }
-
-
-# --------------------------------------------------------------------------- summary
-
-
-def summarise(rounds: list[dict[str, dict]], modes: list[str], wl: Workload) -> dict:
-    """Pooled metrics per mode, paired ratios to vLLM's and to the best fixed chunk, greedy
-    check. ``rounds[r][mode]`` is `run_round`'s result."""
-    pooled = {}
-    for m in modes:
-        rs = [rd[m] for rd in rounds]
-        ttft = [x for r in rs for x in r["ttft"]]
-        itl = [x for r in rs for x in r["itl"]]
-        wall = sum(r["wall_s"] for r in rs)
-        pooled[m] = {
-            "input_tput": sum(r["prompt_tokens"] for r in rs) / wall,
-            "req_s": sum(r["completed"] for r in rs) / wall,
-            "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
-            "itl_p50": percentile(itl, 50), "itl_p99": percentile(itl, 99),
-            "cached_fraction": (sum(r["cached_tokens"] for r in rs)
-                                / max(1, sum(r["prompt_tokens"] for r in rs))),
-            "requests": sum(r["requests"] for r in rs),
-            "completed": sum(r["completed"] for r in rs),
-        }
-
-    def ratios(m: str, ref: str) -> dict:
-        out = {}
-        for k in METRICS:
-            a = [rd[m][k] for rd in rounds]
-            b = [rd[ref][k] for rd in rounds]
-            if any(not (x > 0) for x in a + b):  # nan (no ITL) or 0
-                continue
-            out[k] = {"median": paired_median(a, b), "ci90": paired_ci(a, b)}
-        return out
-
-    vs_off = {m: ratios(m, REFERENCE) for m in modes if m != REFERENCE}
-    fixed = [m for m in modes if m.startswith("fixed-")]
-    best = None
-    if fixed:
-        better = max if METRICS[wl.primary] else min
-        best = better(fixed, key=lambda m: vs_off[m].get(wl.primary, {}).get("median",
-                                                                              float("nan")))
-    vs_best = ({m: ratios(m, best) for m in ("pipeline", "equal_time", REFERENCE)
-                if m in modes} if best else {})
-
-    # Greedy outputs: every request of a round, every mode against vLLM's.
-    mismatches = []
-    for r, rd in enumerate(rounds):
-        ref = rd[REFERENCE]["outputs"]
-        for m in modes:
-            for key, ids in rd[m]["outputs"].items():
-                if key in ref and ids != ref[key]:
-                    mismatches.append({"round": r, "mode": m, "request": key})
-    compared = sum(len(set(rd[m]["outputs"]) & set(rd[REFERENCE]["outputs"]))
-                   for rd in rounds for m in modes if m != REFERENCE)
-    failed = {f"{r}:{m}": rd[m]["failed"] for r, rd in enumerate(rounds) for m in modes
-              if rd[m]["failed"]}
-    return {"pooled": pooled, "vs_off": vs_off, "best_fixed": best, "vs_best_fixed": vs_best,
-            "greedy_identical": not mismatches, "greedy_mismatches": mismatches,
-            "greedy_compared": compared,
-            "all_completed": not failed, "failed": failed}
-
-
-def fmt_ratio(d: dict | None) -> str:
-    if not d:
-        return "-"
-    lo, hi = d["ci90"]
-    if lo != lo:
-        return f"{d['median']:.3f}"
-    return f"{d['median']:.3f} ({lo:.2f}-{hi:.2f})"
-
-
-def print_workload(name: str, s: dict, modes: list[str], rounds: int) -> None:
-    wl = WORKLOADS[name]
-    print(f"\n== {name}: {wl.describe}, {rounds} rounds; cached prompt tokens "
-          f"{100 * s['pooled'][REFERENCE]['cached_fraction']:.0f}% ==")
-    print(f"{'mode':<14}{'in tok/s':>9}{'req/s':>7}{'TTFT p50':>9}{'p99':>7}"
-          f"{'ITL p50':>8}{'p99':>7}   {'tput/off (90% CI)':<21}{'TTFT p50/off':<21}"
-          f"{'ITL p99/off':<21}")
-    for m in modes:
-        p = s["pooled"][m]
-        r = s["vs_off"].get(m, {})
-        mark = " *" if m == s["best_fixed"] else ""
-        print(f"{label(m) + mark:<14}{p['input_tput']:>9.0f}{p['req_s']:>7.2f}"
-              f"{p['ttft_p50']:>9.3f}{p['ttft_p99']:>7.3f}"
-              f"{1e3 * p['itl_p50']:>8.1f}{1e3 * p['itl_p99']:>7.1f}   "
-              f"{fmt_ratio(r.get('input_tput')) if m != REFERENCE else '1':<21}"
-              f"{fmt_ratio(r.get('ttft_p50')) if m != REFERENCE else '1':<21}"
-              f"{fmt_ratio(r.get('itl_p99')) if m != REFERENCE else '1':<21}")
-    print(f"(TTFT s, ITL ms, pooled over rounds; * = best fixed chunk by {wl.primary}; greedy "
-          f"outputs identical: {s['greedy_identical']} ({s['greedy_compared']} compared); "
-          f"all completed: {s['all_completed']})")
-
-
-def headline(summary: dict) -> list[dict]:
-    """dcpp default vs the best fixed chunk, beside vLLM's default, per workload."""
-    rows = []
-    for name, s in summary.items():
-        wl = WORKLOADS[name]
-        k = wl.primary
-        row = {"workload": name, "metric": k, "best_fixed": s["best_fixed"],
-               "dcpp_vs_off": s["vs_off"].get("pipeline", {}).get(k),
-               "equal_time_vs_off": s["vs_off"].get("equal_time", {}).get(k),
-               "best_fixed_vs_off": (s["vs_off"].get(s["best_fixed"], {}).get(k)
-                                     if s["best_fixed"] else None),
-               "dcpp_vs_best_fixed": s["vs_best_fixed"].get("pipeline", {}).get(k),
-               "equal_time_vs_best_fixed": s["vs_best_fixed"].get("equal_time", {}).get(k)}
-        if k != "ttft_p50":
-            row["dcpp_ttft_p50_vs_off"] = s["vs_off"].get("pipeline", {}).get("ttft_p50")
-            row["dcpp_itl_p99_vs_off"] = s["vs_off"].get("pipeline", {}).get("itl_p99")
-        rows.append(row)
-    return rows
-
-
-def print_headline(rows: list[dict]) -> None:
-    print("\n== headline: paired median ratio over rounds (90% bootstrap interval); "
-          "TTFT: lower is better, input throughput: higher is better ==")
-    print(f"{'workload':<13}{'metric':<12}{'best fixed':<12}{'dcpp/best fixed':<22}"
-          f"{'dcpp/vLLM':<22}{'best fixed/vLLM':<22}{'equal-time/vLLM':<22}")
-    for r in rows:
-        print(f"{r['workload']:<13}{r['metric']:<12}"
-              f"{(r['best_fixed'] or '-').replace('fixed-', ''):<12}"
-              f"{fmt_ratio(r['dcpp_vs_best_fixed']):<22}{fmt_ratio(r['dcpp_vs_off']):<22}"
-              f"{fmt_ratio(r['best_fixed_vs_off']):<22}{fmt_ratio(r['equal_time_vs_off']):<22}")
-    for r in rows:
-        if "dcpp_ttft_p50_vs_off" in r:
-            print(f"{r['workload']}: dcpp TTFT p50/vLLM {fmt_ratio(r['dcpp_ttft_p50_vs_off'])},"
-                  f" ITL p99/vLLM {fmt_ratio(r['dcpp_itl_p99_vs_off'])}")
-
-
-def plot(summary: dict, modes: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    names = list(summary)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    width = 0.8 / len(modes)
-    for ax, key, title in ((axes[0], "input_tput", "input throughput / vLLM's (higher: better)"),
-                           (axes[1], "ttft_p50", "TTFT p50 / vLLM's (lower: better)")):
-        for j, m in enumerate(modes):
-            med, lo, hi = [], [], []
-            for n in names:
-                d = summary[n]["vs_off"].get(m, {}).get(key) if m != REFERENCE else None
-                v = d["median"] if d else 1.0
-                ci = d["ci90"] if d else (v, v)
-                med.append(v)
-                lo.append(v - ci[0] if ci[0] == ci[0] else 0)
-                hi.append(ci[1] - v if ci[1] == ci[1] else 0)
-            x = np.arange(len(names)) + (j - (len(modes) - 1) / 2) * width
-            ax.bar(x, med, width, yerr=[lo, hi], capsize=2, label=label(m))
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xticks(np.arange(len(names)), names)
-        ax.set_title(title, fontsize=10)
-        ax.set_ylim(bottom=0)
-    axes[0].legend(fontsize=7, ncol=2)
-    fig.suptitle("dcpp serve_load: paired median ratio per mode and workload (90% bootstrap "
-                 "interval), one server, PP=2 CPU", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # --------------------------------------------------------------------------- main
