@@ -19,6 +19,10 @@ os.environ.setdefault("DCPP_PROFILE_REPEATS", "3")
 import psutil  # noqa: E402  (a vLLM dependency)
 
 from dcpp.integration.vllm.harness import is_alive as _alive, reap  # noqa: E402,F401
+from dcpp.integration.vllm.harness import private_rpc_dir  # noqa: E402
+
+# vLLM's IPC socket files go to a directory of the test session, removed at its end.
+private_rpc_dir()
 
 # Tiny Llama shared by the vLLM tests (random init, written locally).
 TINY_LAYERS = 4

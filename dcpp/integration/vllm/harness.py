@@ -12,12 +12,15 @@ own; `stop_node` ends that group and reports what had to be killed.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -52,12 +55,31 @@ def static_chunks(prompt_len: int, budget: int) -> list[int]:
     return [budget] * (prompt_len // budget) + ([prompt_len % budget] if prompt_len % budget else [])
 
 
+RPC_DIR_ENV = "VLLM_RPC_BASE_PATH"
+
+
+def private_rpc_dir() -> str:
+    """A directory of this process for vLLM's IPC socket files (one per ZMQ `ipc://` queue),
+    removed when the process exits; its children inherit it. vLLM's default is the system temp
+    dir, where the files of every engine that did not close its queues stay behind. A value the
+    user set is kept, and never removed."""
+    path = os.environ.get(RPC_DIR_ENV)
+    if path:
+        return path
+    path = tempfile.mkdtemp(prefix="dcpp-vllm-rpc-")
+    os.environ[RPC_DIR_ENV] = path
+    owner = os.getpid()
+    atexit.register(lambda: os.getpid() == owner and shutil.rmtree(path, ignore_errors=True))
+    return path
+
+
 def start_engine(model: str | Path, *, budget: int, max_model_len: int,
                  dcpp: dict | None = None, prefix_caching: bool = False,
                  pipeline_parallel_size: int = 2, dtype: str = "float32") -> Any:
     """``vllm.LLM`` with PP (default 2), chunked prefill, ``dtype`` (default fp32, "auto" for
     the checkpoint's); ``dcpp`` is the profiling_chunk_config block (None: plain vLLM)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    private_rpc_dir()
     from vllm import LLM
 
     extra = {"additional_config": {"profiling_chunk_config": dcpp}} if dcpp is not None else {}
@@ -158,6 +180,8 @@ def start_headless_node(model: str | Path, *, master_port: int, flags: tuple | l
     cmd = serve_command(model, *flags, *multi_node_flags(
         nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port,
         headless=True))
+    env = dict(os.environ if env is None else env)
+    env.setdefault(RPC_DIR_ENV, private_rpc_dir())
     out = open(log_path, "w") if log_path is not None else None  # noqa: SIM115 - the child's
     try:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence
 
+from dcpp.integration.vllm.harness import RPC_DIR_ENV, private_rpc_dir
+
 
 @dataclass
 class RequestResult:
@@ -168,6 +170,7 @@ class Server:
         self.log_path = Path(log_path)
         env = dict(os.environ if env is None else env)
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server as users run it
+        env.setdefault(RPC_DIR_ENV, private_rpc_dir())
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=env)
