@@ -28,15 +28,20 @@ def model_dir(tmp_path_factory):
                       max_len=MAX_LEN)
 
 
-def pair(model_dir, tmp_path, monkeypatch, policy="fcfs", min_chunk=256, wrap=None, **kw):
+def pair(model_dir, tmp_path, monkeypatch, policy="fcfs", min_chunk=256, wrap=None,
+         asynchronous=False, **kw):
     # A fresh profile cache per test: min_chunk is part of the profile's key.
     """(vLLM's scheduler, dcpp's scheduler, dcpp's synthetic executor); `wrap(cls)` makes
-    the class each is built from."""
+    the class each is built from; `asynchronous`: vLLM's AsyncScheduler and dcpp's variant
+    of it (GPU executors with async scheduling) instead of the sync ones."""
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
     from vllm.v1.core.sched.scheduler import Scheduler
 
     from dcpp.integration.vllm import offline
-    from dcpp.integration.vllm.scheduler import DcppScheduler
+    from dcpp.integration.vllm.scheduler import DcppAsyncScheduler, DcppScheduler
 
+    if asynchronous:
+        Scheduler, DcppScheduler = AsyncScheduler, DcppAsyncScheduler  # noqa: N806
     wrap = wrap or (lambda cls: cls)
     monkeypatch.setenv("DCPP_CACHE_DIR", str(tmp_path))
     ex = offline.SyntheticExecutor()
@@ -101,9 +106,10 @@ def test_a_burst_takes_as_many_steps_as_with_vllm(model_dir, tmp_path, monkeypat
     assert a[0] == b[0] == {f"r{i}": length for i in range(n)}  # all in the first step
 
 
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
 def test_short_requests_beside_a_long_prefill_start_when_vllms_do(model_dir, tmp_path,
-                                                                 monkeypatch):
-    theirs, ours, ex = pair(model_dir, tmp_path, monkeypatch)
+                                                                 monkeypatch, asynchronous):
+    theirs, ours, ex = pair(model_dir, tmp_path, monkeypatch, asynchronous=asynchronous)
     specs = [("long", 30_000, 0)] + [(f"s{i}", 200 + 50 * i, 0) for i in range(6)]
     add(theirs, specs)
     add(ours, specs)
@@ -120,11 +126,13 @@ def test_short_requests_beside_a_long_prefill_start_when_vllms_do(model_dir, tmp
     assert all("long" in b[fb[f"s{i}"]] for i in range(6))
 
 
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("policy", ["fcfs", "priority"])
-def test_start_order_is_vllms(model_dir, tmp_path, monkeypatch, policy):
+def test_start_order_is_vllms(model_dir, tmp_path, monkeypatch, policy, asynchronous):
     """More long prompts than one step holds: they start in vLLM's order (arrival, or
     priority), in the same steps."""
-    theirs, ours, ex = pair(model_dir, tmp_path, monkeypatch, policy=policy, max_num_seqs=3)
+    theirs, ours, ex = pair(model_dir, tmp_path, monkeypatch, policy=policy, max_num_seqs=3,
+                            asynchronous=asynchronous)
     specs = [(f"p{i}", 3000 + 500 * i, (5 - i) % 3) for i in range(6)]
     add(theirs, specs)
     add(ours, specs)
