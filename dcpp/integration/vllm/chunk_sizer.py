@@ -40,6 +40,12 @@ PLAN_OFF = "off"
 MAX_LOGGED_REQUESTS = 4096
 
 
+def trim_log(log: collections.OrderedDict) -> None:
+    """Drop `log`'s oldest entries beyond `MAX_LOGGED_REQUESTS`."""
+    while len(log) > MAX_LOGGED_REQUESTS:
+        log.popitem(last=False)
+
+
 class LatencyModel(Protocol):
     c: float
 
@@ -247,8 +253,7 @@ class ChunkSizer:
                 or not self._opens_full(ask.mode, ask.total - ask.history, ask.history)):
             return False
         self._deferred[ask.request_id] = ask.history
-        while len(self._deferred) > MAX_LOGGED_REQUESTS:
-            self._deferred.popitem(last=False)
+        trim_log(self._deferred)
         self.num_deferred += 1
         return True
 
@@ -264,8 +269,7 @@ class ChunkSizer:
         self.plans[rid] = plan
         self.plan_log[rid] = (start, log)
         self.plan_log.move_to_end(rid)
-        while len(self.plan_log) > MAX_LOGGED_REQUESTS:
-            self.plan_log.popitem(last=False)
+        trim_log(self.plan_log)
         return plan
 
     def advance(self, request_id: str, history: int, ran: int) -> None:

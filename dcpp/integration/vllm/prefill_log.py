@@ -12,7 +12,7 @@ import collections
 import dataclasses
 from typing import Iterable
 
-from dcpp.integration.vllm.chunk_sizer import MAX_LOGGED_REQUESTS
+from dcpp.integration.vllm.chunk_sizer import trim_log
 
 MIN_MEASURED_CHUNKS = 4
 """A whole prefill of fewer chunks says too little about the per-chunk cost."""
@@ -52,13 +52,13 @@ class PrefillLog:
 
     def ran(self, request_id: str, tokens: int) -> None:
         self.chunks.setdefault(request_id, []).append(int(tokens))
-        _trim(self.chunks)
+        trim_log(self.chunks)
 
     def start(self, request_id: str, now: float, history: int, measured: bool) -> None:
         """Time `request_id`'s prefill from `now` (a no-op if it is timed already)."""
         if request_id not in self._timed:
             self._timed[request_id] = _Started(now, int(history), measured)
-            _trim(self._timed)
+            trim_log(self._timed)
 
     def start_unmeasured(self, now: float) -> None:
         """Prefills begun before timing started: timed, never measured."""
@@ -90,8 +90,3 @@ class PrefillLog:
             return
         for rid in request_ids:
             self._timed.pop(rid, None)
-
-
-def _trim(log: collections.OrderedDict) -> None:
-    while len(log) > MAX_LOGGED_REQUESTS:
-        log.popitem(last=False)

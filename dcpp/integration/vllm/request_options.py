@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from dcpp.integration.vllm import vllm_compat
-from dcpp.integration.vllm.chunk_sizer import MAX_LOGGED_REQUESTS, PLAN_MODES, PLAN_OFF
+from dcpp.integration.vllm.chunk_sizer import PLAN_MODES, PLAN_OFF, trim_log
 
 logger = logging.getLogger("vllm.dcpp")  # under "vllm": uses its log handler and level
 
@@ -49,6 +49,5 @@ class RequestOptions:
         if (request_id, msg) in self._warned:
             return
         self._warned[(request_id, msg)] = None
-        while len(self._warned) > MAX_LOGGED_REQUESTS:
-            self._warned.popitem(last=False)
+        trim_log(self._warned)
         logger.warning(msg, *args)
