@@ -32,7 +32,7 @@ DECODES = 16
 
 def drive(cls, model_dir, concurrency: int, steps: int, seed: int, dcpp: dict | None):
     """A generator: one scheduler step per `next()`; its return value is the report."""
-    from dcpp.integration.vllm import offline
+    from dcpp.tooling import offline
 
     ex = offline.SyntheticExecutor() if dcpp is not None else None
     sched = offline.build_scheduler(cls, model_dir, budget=BUDGET, max_model_len=MAX_LEN,
@@ -102,7 +102,7 @@ def pct(xs, q):
 def plan_1m(model_dir) -> dict:
     """Planning one 1M-token prompt from scratch with the profile the benchmark used."""
     from dcpp.chunker.predictor import ChunkPredictor
-    from dcpp.integration.vllm import offline
+    from dcpp.tooling import offline
     from dcpp.integration.vllm.scheduler import DcppScheduler
 
     sched = offline.build_scheduler(DcppScheduler, model_dir, budget=BUDGET, max_model_len=MAX_LEN,
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
 
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    from dcpp.integration.vllm.harness import tiny_llama
+    from dcpp.tooling.harness import tiny_llama
     from dcpp.integration.vllm.scheduler import DcppScheduler
 
     model_dir = tiny_llama(os.path.join(os.environ["DCPP_CACHE_DIR"], "llama"), layers=2,

@@ -13,7 +13,7 @@ draws fresh tokens. Shared prefixes (prefix-c4) are part of the workload, inside
 run. Paired ratios are per round (mode / the same round's reference), median over rounds, with
 a 90% bootstrap interval (benchmarks/bench_stats.py, as vllm_ttft.py).
 
-Metrics (vLLM's `vllm bench serve` definitions, measured by dcpp.integration.vllm.load_client):
+Metrics (vLLM's `vllm bench serve` definitions, measured by dcpp.tooling.load_client):
 TTFT = time to the first streamed token, ITL = gaps between later tokens, input throughput =
 prompt tokens (cached ones included) / wall time of the round, requests/s likewise.
 

@@ -45,7 +45,7 @@ os.environ.setdefault("DCPP_BUBBLE_SAMPLE_EVERY", "1")
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 from bench_stats import paired_ci  # noqa: E402  (benchmarks/, beside this script)
-from dcpp.chunker.calibration import repeat_noise  # noqa: E402
+from dcpp.online.calibration.noise import repeat_noise  # noqa: E402
 from dcpp.integration.vllm import harness  # noqa: E402
 
 MODES = ("off", "pipeline", "equal_time")
@@ -116,8 +116,8 @@ def main(argv=None) -> int:
     if rt is None or rt.model is None:
         print("dcpp is not active (profiling failed?); see the log above", file=sys.stderr)
         return 2
-    print(f"start-up {startup_s:.1f} s; profile: {rt.profile_source}, "
-          f"{rt.num_profile_passes} profiling passes; fit {rt.model.to_dict()}")
+    print(f"start-up {startup_s:.1f} s; profile: {rt.profile.source}, "
+          f"{rt.profile.passes} profiling passes; fit {rt.model.to_dict()}")
 
     # Greedy outputs must match across plans (8 tokens), and this warms every mode up.
     greedy, chunks = {}, {}
@@ -143,8 +143,8 @@ def main(argv=None) -> int:
     result = {
         "prompt_len": args.prompt_len, "budget": args.budget, "min_chunk": args.min_chunk,
         "layers": args.layers, "hidden": args.hidden, "rounds": args.rounds,
-        "startup_s": startup_s, "profile_source": rt.profile_source,
-        "profile_passes": rt.num_profile_passes,
+        "startup_s": startup_s, "profile_source": rt.profile.source,
+        "profile_passes": rt.profile.passes,
         "greedy_match": match, "chunks": chunks,
         "ttft": ttft,
         "best": {m: min(v) for m, v in ttft.items()},
@@ -155,16 +155,16 @@ def main(argv=None) -> int:
                           for m, v in ttft.items()},
         "paired_ci90": {m: paired_ci(v, ttft["off"]) for m, v in ttft.items() if m != "off"},
         "static_spread": max(ttft["off"]) / min(ttft["off"]),
-        "prediction_error_median": rt.median_error(),
-        "repeat_noise": repeat_noise(list(rt.step_log)),
-        "num_observations": rt.num_observations, "num_refits": rt.num_refits,
-        "stage_timing": rt.stage_timing, "overhead_s": rt.overhead_s(),
+        "prediction_error_median": rt.cal.median_error(),
+        "repeat_noise": repeat_noise(list(rt.cal.step_log)),
+        "num_observations": rt.cal.num_observations, "num_refits": rt.cal.num_refits,
+        "stage_timing": rt.stage_timing, "overhead_s": rt.cal.overhead_s(),
         "interval_error_median": rt.stats()["median_interval_error"],
         # Measured stage idle share of each prefill (workers' step start/end times), per mode.
         "bubbles": rt.stats()["bubbles"],
         "fit": rt.model.to_dict(),
         "model_ttft": model_ttft(rt, chunks),
-        "step_log": list(rt.step_log),
+        "step_log": list(rt.cal.step_log),
     }
     result["model_ratios"] = model_ratios(rt, args.prompt_len, result["model_ttft"])
     harness.shutdown(llm)
@@ -175,16 +175,16 @@ def main(argv=None) -> int:
         llm = start(args, model)
         rt2 = harness.dcpp_runtime(llm)
         result["restart"] = {"startup_s": time.perf_counter() - t0,
-                             "profile_source": rt2.profile_source,
-                             "profile_passes": rt2.num_profile_passes,
+                             "profile_source": rt2.profile.source,
+                             "profile_passes": rt2.profile.passes,
                              "calibration_steps": len(rt2.cal.samples) if rt2.cal is not None else 0,
-                             "overhead_s": rt2.overhead_s()}
+                             "overhead_s": rt2.cal.overhead_s()}
         # The restarted engine's first planned request: planned from the saved calibration
         # rather than from the bare profile.
         secs, _, rid = run(llm, tokens, "pipeline")
         result["restart"]["first_ttft"] = secs
         result["restart"]["first_chunks"] = harness.chunks_of(rt2, rid)
-        result["restart"]["first_error"] = rt2.median_error()
+        result["restart"]["first_error"] = rt2.cal.median_error()
         harness.shutdown(llm)
         del llm
 
@@ -205,8 +205,8 @@ def main(argv=None) -> int:
     for m in MODES:
         print(f"chunks {LABEL[m]}: {chunks[m]}")
     print(f"greedy outputs identical across modes: {match}")
-    print(f"median chunk-latency prediction error (after calibration, {rt.num_observations} "
-          f"steps, {rt.num_refits} refits): {100 * result['prediction_error_median']:.1f}%")
+    print(f"median chunk-latency prediction error (after calibration, {rt.cal.num_observations} "
+          f"steps, {rt.cal.num_refits} refits): {100 * result['prediction_error_median']:.1f}%")
     rn = result["repeat_noise"]
     print(f"noise floor: {rn['steps']} steps that ran the same (chunk, history) >= 3 times scatter "
           f"{100 * rn['noise']:.1f}% (median) around their own median; against those medians the "

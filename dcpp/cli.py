@@ -106,12 +106,11 @@ def _plan_inputs(args: argparse.Namespace):
 
 
 def _load_profile(profile_cls, path: str):
-    """The profile at `path`, or one ValueError naming the file and what is wrong with it."""
+    """The profile at `path`, or one ValueError naming the file and what is wrong with it
+    (an OSError, which main() reports with the file's name, when it cannot be read)."""
     try:
         return profile_cls.load(path)
-    except OSError:
-        raise  # main() names the file and the OS's reason
-    except Exception as e:  # json, a missing key, a wrong type: all "not a dcpp profile"
+    except ValueError as e:  # missing, not JSON, not a dcpp profile (`Profile.from_json`)
         raise ValueError(f"--profile {path}: not a readable dcpp profile "
                          f"({type(e).__name__}: {e}); fix: write one with `dcpp profile`") from e
 
@@ -240,18 +239,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand. What the user can fix is one line on stderr, no traceback: exit
+    status 2 for a bad argument or input file (argparse's errors, ValueError, OSError), 1 for a
+    run that failed (`dcpp.errors.UserError`: vLLM missing, an engine that does not start, a
+    rejected fit). Any other exception is a bug in dcpp and keeps its traceback."""
+    from dcpp.errors import UserError
+
     logging.basicConfig(level=logging.WARNING, format="dcpp: warning: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"dcpp {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return e.exit_code
     except ValueError as e:
-        print(f"dcpp {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"dcpp {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # an unreadable --profile, an unwritable --out
         where = e.filename if e.filename is not None else "?"
-        print(f"dcpp {args.command}: error: {where}: {e.strerror or e}", file=sys.stderr)
+        print(f"dcpp {args.command}: error: {where}: {_one_line(e.strerror or e)}",
+              file=sys.stderr)
         return 2
 
 

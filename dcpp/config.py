@@ -16,7 +16,6 @@ import dataclasses
 import difflib
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,7 @@ FOREIGN_KEYS: dict[str, str] = {
 each with what dcpp does instead (logged once per parse)."""
 
 CACHE_ENV = "DCPP_CACHE_DIR"
-"""Environment variable that overrides the profile cache root."""
+"""Environment variable that overrides the profile cache root (parsed by `dcpp.envs.cache_dir`)."""
 
 
 @dataclass(frozen=True)
@@ -97,7 +96,7 @@ class ProfilingChunkConfig:
     live_calibration: bool = False
     """Skip start-up profiling: serve vLLM's static chunks, time every step on every stage,
     and switch to dynamic chunking once those timings cover enough (chunk, history) points to
-    fit the latency model (`dcpp.integration.vllm.live_fit`). Also what dcpp does by itself
+    fit the latency model (`dcpp.online.calibration.live_fit`). Also what dcpp does by itself
     where the model runner cannot time a prefill after a history. Needs ``need_timing``."""
 
     def __post_init__(self) -> None:
@@ -216,12 +215,11 @@ class ProfilingChunkConfig:
 
     def resolved_cache_dir(self) -> Path:
         """Profile cache directory: the key, else ``$DCPP_CACHE_DIR``, else the user cache."""
+        from dcpp import envs
+
         if self.profile_cache_dir is not None:
             return Path(self.profile_cache_dir).expanduser()
-        env = os.environ.get(CACHE_ENV)
-        if env:
-            return Path(env).expanduser()
-        return Path("~/.cache/dcpp/profiles").expanduser()
+        return envs.cache_dir()  # ValueError naming DCPP_CACHE_DIR when it cannot be one
 
 
 def find_block(additional_config: dict) -> Any:

@@ -5,7 +5,7 @@
 3. Starts vLLM with ``{"profiling_chunk_config": {"enabled": true, ...}}``: start-up profiling,
    dynamic chunks, online calibration; times the same prompt.
 4. Prints TTFT static vs dynamic, each chunk sequence, predicted vs measured chunk latency, the
-   measured pipeline bubbles per mode (`dcpp.chunker.bubbles`: stage idle share during the
+   measured pipeline bubbles per mode (`dcpp.online.bubbles`: stage idle share during the
    prefill, from the workers' step start/end times) beside the simulated ones, and whether the
    greedy outputs match; draws the pipeline timeline of both plans as PNG and SVG: simulated
    with the calibrated latency model (left) and measured on the workers for the last request of
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
     args = parse_args(argv)
-    from dcpp.integration.vllm import harness
+    from dcpp.tooling import harness
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -144,8 +144,8 @@ def _main(argv=None) -> int:
                     "dynamic": measured_bubbles(rt, dyn_ids)}
         dyn_out = harness.timed_generate(llm, tokens, max_tokens=8)[1]
         stage_model = getattr(rt, "compute_model", None) or rt.model
-        fit_source, passes = rt.profile_source, rt.num_profile_passes
-        err = rt.median_error()
+        fit_source, passes = rt.profile.source, rt.profile.passes
+        err = rt.cal.median_error()
     finally:
         harness.shutdown(llm)
 

@@ -2,7 +2,7 @@
 
 Input is engine-agnostic: for each named plan, a list of ``Bar(stage, chunk, start, end)`` in
 seconds, from the simulator (``dcpp.chunker.simulate``) or from a measured run
-(``dcpp.chunker.bubbles.PrefillBubble``: `bars_from_measured`). Panels share the time axis so
+(``dcpp.online.bubbles.PrefillBubble``: `bars_from_measured`). Panels share the time axis so
 static and dynamic plans, simulated and measured, compare at a glance (``ncols=2`` puts them
 side by side).
 """
@@ -104,7 +104,7 @@ def bars_from_stage_times(stage_times: Sequence[Sequence[float]]) -> list[Bar]:
 
 
 def bars_from_measured(result) -> list[Bar]:
-    """Bars of a measured prefill (``dcpp.chunker.bubbles.PrefillBubble``): its own steps on
+    """Bars of a measured prefill (``dcpp.online.bubbles.PrefillBubble``): its own steps on
     each stage, from the workers' step start/end times, seconds from its first chunk's start."""
     return [Bar(stage, chunk, max(0.0, start), max(0.0, end))
             for stage, chunk, start, end in result.bars]

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # What the CLI's subcommands import (plan, timeline, profile --reference), module level or lazily.
 CLI_SOURCES = ["dcpp/__init__.py", "dcpp/cli.py", "dcpp/config.py", "dcpp/envs.py",
-               "dcpp/timeline.py", "dcpp/profiling.py", "dcpp/demo_reference.py",
+               "dcpp/errors.py", "dcpp/timeline.py", "dcpp/profiling.py", "dcpp/demo_reference.py",
                "dcpp/chunker/*.py", "dcpp/reference/*.py"]
 # Imported there, deliberately not a base dependency: name -> why.
 OPTIONAL_IMPORTS = {

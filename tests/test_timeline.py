@@ -41,7 +41,7 @@ def test_draw_timeline_rejects_bad_input(tmp_path, timelines, match):
 
 
 def test_measured_beside_simulated_in_two_columns(tmp_path):
-    from dcpp.chunker.bubbles import PrefillBubble
+    from dcpp.online.bubbles import PrefillBubble
     from dcpp.timeline import bars_from_measured
 
     measured = PrefillBubble("r", "pipeline", 0.3, (0.2, 0.4), 5.0, (1, 1, 2),

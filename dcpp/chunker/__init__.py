@@ -1,7 +1,7 @@
 """Engine-agnostic dynamic chunker (numpy/scipy only; no vLLM or torch import).
 
 Data flow: profile (`profiler`) -> fit (`latency_model`) -> plan (`planner`, `predictor`)
--> run -> step timings refit the model (`dcpp.integration.vllm.calibrator`; `calibration`
+-> run -> step timings refit the model (`dcpp.online.calibration.calibrator`; `calibration`
 measures their noise floor). `simulate` scores plans.
 """
 

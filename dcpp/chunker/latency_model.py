@@ -327,8 +327,15 @@ class HistoryLatencyModel:
         missing = [k for k in ("alpha", "beta", "gamma", "delta", "c") if k not in d]
         if missing:
             raise ValueError(f"latency model dict lacks keys {missing}; got keys {sorted(d)}")
+        bad = {k: d[k] for k in ("alpha", "beta", "gamma", "delta", "c")
+               if isinstance(d[k], bool) or not isinstance(d[k], (int, float))}
+        if bad:
+            raise ValueError(f"latency model coefficients must be numbers, got {bad}")
+        fit_info = d.get("fit_info", {})
+        if not isinstance(fit_info, dict):
+            raise ValueError(f"latency model fit_info must be an object, got {fit_info!r}")
         return cls(float(d["alpha"]), float(d["beta"]), float(d["gamma"]), float(d["delta"]),
-                   float(d["c"]), dict(d.get("fit_info", {})))
+                   float(d["c"]), dict(fit_info))
 
 
 def batch_features(batch: Batch) -> np.ndarray:

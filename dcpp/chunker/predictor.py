@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from dcpp.chunker.latency_model import HistoryLatencyModel
+from dcpp.chunker.planning_model import PlanningModel
 from dcpp.chunker.planner import (
     PlanSpec,
     default_plan,
@@ -45,7 +46,7 @@ MAX_REMEMBERED_PLANS = 1024
 class ChunkPredictor:
     """Chunk sizes for one engine (one model, one budget, one pipeline depth)."""
 
-    def __init__(self, config: ProfilingChunkConfig, model: HistoryLatencyModel | None, *,
+    def __init__(self, config: ProfilingChunkConfig, model: HistoryLatencyModel | PlanningModel | None, *,
                  max_num_batched_tokens: int, page_size: int = 16, max_model_len: int,
                  num_stages: int) -> None:
         if not isinstance(config, ProfilingChunkConfig):
@@ -59,24 +60,38 @@ class ChunkPredictor:
             page_size=page_size,
             smooth_factor=config.smooth_factor,
         )
-        self._model: HistoryLatencyModel | None = None
+        self._source = model if isinstance(model, PlanningModel) else PlanningModel()
+        """The model's one owner (a predictor built from a bare model owns its own)."""
+        self._version = -1
+        self._target: float | None = None
+        """`self._source.version` that `_target` and `_cache` were derived for."""
         self._cache: OrderedDict[tuple[int, int], int] = OrderedDict()
         self._last_plans: OrderedDict[tuple[int, int], list[int]] = OrderedDict()
         """(prompt length, history) -> the pipeline plan last returned (kept across models)."""
-        self.set_model(model)
+        if not isinstance(model, PlanningModel):
+            self.set_model(model)
 
     # ----------------------------------------------------------------------------------------
     @property
     def model(self) -> HistoryLatencyModel | None:
-        return self._model
+        return self._source.model
+
+    @property
+    def _model(self) -> HistoryLatencyModel | None:
+        """The model, with what is derived from it brought up to date."""
+        model = self._source.model
+        if self._version != self._source.version:
+            self._version = self._source.version
+            self._cache.clear()
+            self._target = equal_time_target(model, self.spec) if model is not None else None
+        return model
 
     def set_model(self, model: HistoryLatencyModel | None) -> None:
-        """Use ``model`` from now on (e.g. after an online refit); drops cached plans."""
+        """Use ``model`` from now on (e.g. after an online refit); drops cached plans. With a
+        shared `PlanningModel`, set it there instead (every predictor on it follows)."""
         if model is not None and not isinstance(model, HistoryLatencyModel):
             raise ValueError(f"model must be a HistoryLatencyModel or None, got {type(model).__name__}")
-        self._model = model
-        self._cache.clear()
-        self._target = equal_time_target(model, self.spec) if model is not None else None
+        self._source.set(model)
 
     @property
     def is_static(self) -> bool:

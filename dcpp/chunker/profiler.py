@@ -121,10 +121,25 @@ class Profile:
             )
         if d.get("scope", "model") not in ("model", "stage"):
             raise ValueError(f"profile scope={d.get('scope')!r} must be 'model' or 'stage'")
+        if "model" not in d:
+            raise ValueError("profile has no 'model' (the fitted latency model); "
+                             "fix: re-run `dcpp profile`")
+        samples = d.get("samples", [])
+        if not isinstance(samples, list) or not all(
+                isinstance(s, list) and len(s) == 3 and all(_is_number(x) for x in s)
+                for s in samples):
+            raise ValueError("profile 'samples' must be a list of [chunk, history, seconds] "
+                             "numbers; fix: re-run `dcpp profile`")
+        cache_key = d.get("cache_key", {})
+        if not isinstance(cache_key, dict):
+            raise ValueError(f"profile 'cache_key' must be an object, got {cache_key!r}")
+        for name in ("num_passes", "num_warmup", "wall_s"):
+            if not _is_number(d.get(name, 0)):
+                raise ValueError(f"profile {name!r} must be a number, got {d[name]!r}")
         return cls(
             model=HistoryLatencyModel.from_dict(d["model"]),
-            samples=tuple((int(c), int(h), float(s)) for c, h, s in d.get("samples", [])),
-            cache_key=dict(d.get("cache_key", {})),
+            samples=tuple((int(c), int(h), float(s)) for c, h, s in samples),
+            cache_key=dict(cache_key),
             num_passes=int(d.get("num_passes", 0)), num_warmup=int(d.get("num_warmup", 0)),
             scope=d.get("scope", "model"), wall_s=float(d.get("wall_s", 0.0)),
         )
@@ -143,6 +158,11 @@ class Profile:
         if not path.is_file():
             raise ValueError(f"profile file {str(path)!r} does not exist; fix: run `dcpp profile`")
         return cls.from_json(path.read_text())
+
+
+def _is_number(x) -> bool:
+    """A finite JSON number (bool excluded)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def profile(timed_forward: TimedForward, *, max_num_batched_tokens: int, max_model_len: int,
@@ -221,8 +241,8 @@ def load_or_profile(timed_forward: TimedForward, key: dict, cache_dir: str | Pat
             cached = Profile.load(path)
             if cached.cache_key == key:
                 return cached
-        except (ValueError, KeyError, TypeError):
-            pass  # stale or corrupt: profile again
+        except (OSError, ValueError):
+            pass  # unreadable, stale or corrupt (what `Profile.load` raises): profile again
     prof = profile(timed_forward, cache_key=key, **profile_kwargs)
     prof.save(path)
     return prof

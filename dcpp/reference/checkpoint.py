@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dcpp.reference.model import ModelConfig, Params
@@ -70,16 +71,34 @@ def hf_config_kwargs(config: ModelConfig) -> dict:
 def load_checkpoint(path: str | Path) -> tuple[ModelConfig, Params]:
     """Load ``config.json`` + ``*.safetensors`` from a checkpoint folder."""
     path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"checkpoint folder {str(path)!r} does not exist"
+                         + (" (it is a file)" if path.exists() else ""))
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ValueError(f"no config.json in checkpoint folder {str(path)!r}")
-    config = config_from_hf(json.loads(cfg_file.read_text()))
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{cfg_file}: expected a JSON object, got {type(raw).__name__}")
+    try:
+        config = config_from_hf(raw)
+    except KeyError as e:  # config_from_hf indexes the required keys
+        raise ValueError(f"{cfg_file} lacks the key {e.args[0]!r} that a Llama config.json "
+                         "has") from None
+    except ValueError as e:
+        raise ValueError(f"{cfg_file}: {e}") from None
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ValueError(f"no *.safetensors file in checkpoint folder {str(path)!r}")
     params: Params = {}
     for f in files:
-        params.update(load_file(str(f)))
+        try:
+            params.update(load_file(str(f)))
+        except SafetensorError as e:
+            raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
     if config.tie_word_embeddings:
         params.pop("lm_head.weight", None)
     return config, params

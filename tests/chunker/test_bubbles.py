@@ -1,4 +1,4 @@
-"""Measured bubbles (`dcpp.chunker.bubbles`): hand oracles of the idle fraction, and the
+"""Measured bubbles (`dcpp.online.bubbles`): hand oracles of the idle fraction, and the
 tracker's rules for which prefills can be measured (untimed steps, steps in flight, other
 requests' steps, restarts, aborts, the full-timing sampling)."""
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dcpp.chunker.bubbles import (
+from dcpp.online.bubbles import (
     BubbleTracker,
     bubble_fraction,
     prefill_window,

@@ -10,7 +10,7 @@ import pytest
 
 
 def test_repeat_noise_separates_noise_from_model_error():
-    from dcpp.chunker.calibration import repeat_noise
+    from dcpp.online.calibration.noise import repeat_noise
 
     rng = np.random.default_rng(0)
     records = []
@@ -27,7 +27,7 @@ def test_repeat_noise_separates_noise_from_model_error():
 
 
 def test_repeat_noise_without_repeats_and_bad_min():
-    from dcpp.chunker.calibration import repeat_noise
+    from dcpp.online.calibration.noise import repeat_noise
 
     out = repeat_noise([([(8, 0)], 1.0, 1.0)])
     assert out["groups"] == 0 and math.isnan(out["noise"]) and math.isnan(out["systematic"])

@@ -5,6 +5,8 @@ then one fit, dynamic chunking, the fit cached as the profile."""
 
 from __future__ import annotations
 
+from dcpp.online.stage_timing import step_is_timed
+
 import logging
 from types import SimpleNamespace as NS
 
@@ -50,7 +52,7 @@ def serve(rt, ex, rid, n, clock, timed=True):
         secs = true_time(c, h)
         if timed:
             fp = vllm_compat.step_fingerprint(out)
-            if vllm_compat.step_is_timed(fp, ex.every):
+            if step_is_timed(fp, ex.every):
                 ex.queued.append((fp, (0.9 * secs, secs)))
         elif len(rt.ledger):
             rt.ledger._queue[-1].scheduled_at = clock[0] - 1e-4  # queued behind the last step
@@ -74,7 +76,7 @@ def test_live_calibration_starts_static_and_switches_once_it_can_fit(tmp_path, m
     ex = FakeExecutor(step_timing=True)
     with caplog.at_level(logging.INFO, logger="vllm.dcpp"):
         rt = runtime(tmp_path, monkeypatch, executor=ex, extra={"live_calibration": True})
-        assert ex.calls == 0 and rt.num_profile_passes == 0  # no profiling RPC at all
+        assert ex.calls == 0 and rt.profile.passes == 0  # no profiling RPC at all
         assert rt.model is None and rt.live is not None and rt.stage_timing
         assert "no start-up profiling" in caplog.text
         clock = [0.0]
@@ -83,22 +85,22 @@ def test_live_calibration_starts_static_and_switches_once_it_can_fit(tmp_path, m
     line = [m for m in caplog.messages if "dynamic chunking on" in m]
     assert len(line) == 1 and "live calibration: fitted" in line[0], caplog.messages
     assert rt.model is not None and rt.cal is not None and rt.sizer is not None
-    assert rt.profile_source == "live" and rt.calibrating
+    assert rt.profile.source == "live" and rt.cal is not None
     assert rt.cal.model.predict_time(512, 4096) == pytest.approx(true_time(512, 4096), rel=0.05)
     assert rt.cal.profile_samples  # calibration refits on the live steps
     chunks = serve(rt, ex, "after", LONG, clock)
     assert sum(chunks) == LONG and chunks != static(LONG)
-    assert rt.num_observations > 0  # calibration goes on from the live fit
+    assert rt.cal.num_observations > 0  # calibration goes on from the live fit
     # The fit is this engine's profile now: the next start loads it and plans at once.
     import os
 
-    assert os.path.exists(rt.profile_path)
+    assert os.path.exists(rt.profile.path)
     rt.close()  # what calibration learnt since is saved beside it
     assert os.path.exists(rt.saver.path)
     ex2 = FakeExecutor(step_timing=True)
     with caplog.at_level(logging.INFO, logger="vllm.dcpp"):
         rt2 = runtime(tmp_path, monkeypatch, executor=ex2, extra={"live_calibration": True})
-    assert rt2.profile_source == "cache" and rt2.num_profile_passes == 0 and ex2.calls == 0
+    assert rt2.profile.source == "cache" and rt2.profile.passes == 0 and ex2.calls == 0
     assert rt2.live is None and rt2.model is not None
     assert "calibration loaded from" in caplog.text and len(rt2.cal.samples) > 0
     assert serve(rt2, ex2, "restart", LONG, [0.0]) != static(LONG)
@@ -120,7 +122,7 @@ def test_unsupported_runner_is_reported_and_calibrated_live(tmp_path, monkeypatc
     ex = UnsupportedRunner(step_timing=True)
     with caplog.at_level(logging.WARNING, logger="vllm.dcpp"):
         rt = runtime(tmp_path, monkeypatch, executor=ex)
-    assert ex.calls == 1 and rt.num_profile_passes == 0  # the first RPC said so: no retry
+    assert ex.calls == 1 and rt.profile.passes == 0  # the first RPC said so: no retry
     assert rt.model is None and rt.live is not None
     assert "cannot run on this engine's model runner" in caplog.text
     assert "pp_rank 0 tp_rank 0: " + V2_REASON in caplog.text

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from dcpp.chunker.latency_model import HistoryLatencyModel
-from dcpp.integration.vllm.live_fit import LiveFit, ReadinessRule
+from dcpp.online.calibration.live_fit import LiveFit, ReadinessRule
 
 BUDGET = 512
 TRUE = HistoryLatencyModel(alpha=3.5e-9, beta=2.6e-8, gamma=5.2e-5, delta=1e-7, c=3.9e-3)

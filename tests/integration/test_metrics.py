@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dcpp.tooling.fake_engine import FakeExecutor, driven_runtime
+
 import concurrent.futures
 import logging
 import socket
@@ -87,46 +89,14 @@ def test_bubble_histogram_served_with_plan_label():
     assert bubble_totals("") == {}
 
 
-def _done(value):
-    """A future that is already done (what a worker RPC returns with non_block=True)."""
-    future = concurrent.futures.Future()
-    future.set_result(value)
-    return future
-
-
-class _TwoStageWorkers:
-    """dcpp's timing RPCs on 2 PP ranks; `run` records one step as the workers' timers do:
-    (fingerprint, seconds, start) per rank."""
-
-    def __init__(self):
-        self.records = [[], []]
-        self.every = 1
-
-    def collective_rpc(self, method, timeout=None, args=(), kwargs=None, non_block=False):
-        name = method if isinstance(method, str) else method.__name__
-        if name.endswith("enable_step_timing"):
-            res = [{"pp_rank": r, "ok": True} for r in range(2)]
-        elif name.endswith("drain_step_times"):
-            res = [{"pp_rank": r, "times": self.records[r]} for r in range(2)]
-            self.records = [[], []]
-            if args and args[0] is not None:
-                self.every = args[0]
-        else:
-            raise RuntimeError(name)
-        return _done(res) if non_block else res
-
-    def run(self, fp, starts, ends):
-        for r in range(2):
-            self.records[r].append((fp, ends[r] - starts[r], starts[r]))
-
-
 def _stage_timing(workers):
     from types import SimpleNamespace as NS
 
-    from dcpp.integration.vllm.stage_timing import StageTiming
+    from dcpp.integration.vllm.worker_rpc import VllmWorkerChannel
+    from dcpp.online.stage_timing import StageTiming
 
     vc = NS(parallel_config=NS(worker_extension_cls="", pipeline_parallel_size=2))
-    timing = StageTiming(vc, workers)
+    timing = StageTiming(VllmWorkerChannel(vc, workers), num_stages=2)
     timing.enable()
     assert timing.on
     return timing
@@ -143,7 +113,7 @@ def test_stage_timing_measures_and_exports_a_prefills_bubbles(caplog):
     starts = [(0.0, 1.0), (1.0, 2.0), (2.0, 4.0)]
     ends = [(1.0, 2.0), (2.0, 3.0), (4.0, 5.0)]
     chunks = [(100, 0), (100, 100), (200, 200)]
-    workers = _TwoStageWorkers()
+    workers = FakeExecutor(step_timing=True)
     timing = _stage_timing(workers)
     port = _free_port()
     timing.metrics = start_metrics(port)
@@ -156,10 +126,10 @@ def test_stage_timing_measures_and_exports_a_prefills_bubbles(caplog):
             for k, (n, h) in enumerate(chunks):
                 out = NS(num_scheduled_tokens={"req-1": n}, scheduled_new_reqs=(),
                          scheduled_cached_reqs=NS(num_computed_tokens=[h]))
-                step = timing.track(out, [(n, h)], True, prefills={"req-1": (n, h)},
+                step = timing.track(vllm_compat.step_fingerprint(out), [(n, h)], True, prefills={"req-1": (n, h)},
                                     finishing=["req-1"] if k == 2 else [],
                                     labels={"req-1": "pipeline"} if k == 0 else {})
-                workers.run(vllm_compat.step_fingerprint(out), starts[k], ends[k])
+                workers.record(vllm_compat.step_fingerprint(out), starts[k], ends[k])
                 sent.append(step)
                 if k:  # outputs come back one step behind (2 stages in flight)
                     timing.poll(False, lambda *a: sink.append(a), returned=sent[k - 1])
@@ -187,12 +157,12 @@ def test_stage_timing_without_start_times_measures_nothing():
 
     from dcpp.integration.vllm import vllm_compat
 
-    workers = _TwoStageWorkers()
+    workers = FakeExecutor(step_timing=True)
     timing = _stage_timing(workers)
     out = NS(num_scheduled_tokens={"r": 64}, scheduled_new_reqs=(), scheduled_cached_reqs=None)
-    step = timing.track(out, [(64, 0)], True, prefills={"r": (64, 0)}, finishing=["r"])
+    step = timing.track(vllm_compat.step_fingerprint(out), [(64, 0)], True, prefills={"r": (64, 0)}, finishing=["r"])
     fp = vllm_compat.step_fingerprint(out)
-    workers.records = [[(fp, 0.5)], [(fp, 0.6)]]
+    workers.queued = [(fp, (0.5, 0.6))]
     sink = []
     timing.poll(True, lambda *a: sink.append(a), returned=step)
     assert len(sink) == 1 and sink[0][1] == pytest.approx(0.6)
@@ -203,7 +173,7 @@ def test_stage_timing_without_start_times_measures_nothing():
 def test_bubble_sampling_forces_full_timing_once_calibrated(monkeypatch):
     """DCPP_BUBBLE_SAMPLE_EVERY=N: calibration's 1-in-8 rate gives way to every step while a
     sampled prefill runs; 0 (the default) never does."""
-    workers = _TwoStageWorkers()
+    workers = FakeExecutor(step_timing=True)
     monkeypatch.setenv("DCPP_BUBBLE_SAMPLE_EVERY", "4")
     timing = _stage_timing(workers)
     timing.every = 8
@@ -227,36 +197,17 @@ def test_runtime_reports_bubbles_per_plan_in_stats_and_metrics(tmp_path, monkeyp
     import numpy as np
 
     from dcpp.chunker.simulate import simulate_times
-    from dcpp.config import ProfilingChunkConfig
     from dcpp.integration.vllm import vllm_compat
-    from dcpp.integration.vllm.runtime import DcppRuntime
 
     budget = 1024
 
     def stage_time(n, h):
         return 2e-3 + 2e-6 * n + 4e-9 * n * h + 2e-9 * n * n
 
-    class Workers(_TwoStageWorkers):
-        def collective_rpc(self, method, timeout=None, args=(), kwargs=None, non_block=False):
-            name = method if isinstance(method, str) else method.__name__
-            if name.endswith("timed_prefill"):
-                return [{"pp_rank": r, "tp_rank": 0, "seconds": stage_time(args[0], args[1])}
-                        for r in range(2)]
-            return super().collective_rpc(method, timeout, args, kwargs, non_block)
-
     monkeypatch.setenv("DCPP_CACHE_DIR", str(tmp_path))
     port = _free_port()
-    vc = NS(scheduler_config=NS(max_num_batched_tokens=budget, enable_chunked_prefill=True),
-            model_config=NS(max_model_len=16384, model="fake-model", dtype="float32"),
-            cache_config=NS(block_size=16),
-            parallel_config=NS(pipeline_parallel_size=2, tensor_parallel_size=1,
-                               worker_extension_cls=""),
-            additional_config={"profiling_chunk_config": {
-                "enabled": True, "min_chunk": 64, "metrics_port": port}})
-    cfg = ProfilingChunkConfig.from_additional_config(vc.additional_config).check_engine(
-        pipeline_parallel_size=2, enable_chunked_prefill=True, max_num_batched_tokens=budget)
-    workers = Workers()
-    rt = DcppRuntime(vc, cfg, executor=workers)
+    workers = FakeExecutor(fn=stage_time, step_timing=True, stage_scale=(1.0, 1.0))
+    rt = driven_runtime(workers, budget=budget, metrics_port=port)
     try:
         assert rt.stage_timing
         expected = {}
@@ -281,7 +232,7 @@ def test_runtime_reports_bubbles_per_plan_in_stats_and_metrics(tmp_path, monkeyp
                 a0 = ends[0]
                 a1 = max(a0 + s, ends[1])
                 ends = [a0 + s, a1 + 1.2 * s]  # stage 1 is 20% slower
-                workers.run(vllm_compat.step_fingerprint(out), (a0, a1), ends)
+                workers.record(vllm_compat.step_fingerprint(out), (a0, a1), ends)
                 times.append((s, 1.2 * s))
                 outs.append(out)
                 if len(outs) > 1:  # 2 steps in flight

@@ -9,7 +9,7 @@ import sys
 
 SCRIPT = """
 import os, sys
-from dcpp.integration.vllm.harness import private_rpc_dir
+from dcpp.tooling.harness import private_rpc_dir
 path = private_rpc_dir()
 assert private_rpc_dir() == path == os.environ["VLLM_RPC_BASE_PATH"]
 open(os.path.join(path, "a-socket-file"), "w").close()

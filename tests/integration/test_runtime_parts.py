@@ -7,15 +7,16 @@ import logging
 import os
 from types import SimpleNamespace as NS
 
-from dcpp.integration.vllm.calibration_saver import CalibrationSaver
-from dcpp.integration.vllm.prefill_log import PrefillLog
-from dcpp.integration.vllm.request_options import RequestOptions
-from dcpp.integration.vllm.step_ledger import LedgerEntry, StepLedger
-from dcpp.integration.vllm.step_overhead import StepOverhead
+from dcpp.online.calibration.saver import CalibrationSaver
+from dcpp.online.prefill_log import PrefillLog
+from dcpp.online.request_options import RequestOptions
+from dcpp.online.requests import RequestTable
+from dcpp.online.step_ledger import LedgerEntry, StepLedger
+from dcpp.online.calibration.step_overhead import StepOverhead
 
 
 def test_only_planned_prefills_that_ran_alone_in_four_chunks_are_measured():
-    log = PrefillLog()
+    log = PrefillLog(RequestTable())
     for rid, measured in (("alone", True), ("shared", True), ("static", False), ("short", True)):
         log.start(rid, 10.0, history=64, measured=measured)
     log.start("alone", 99.0, history=0, measured=False)  # already timed: no restart
@@ -26,15 +27,15 @@ def test_only_planned_prefills_that_ran_alone_in_four_chunks_are_measured():
     log.shared(["shared", "not-timed"])
     done = log.finish(["alone", "shared", "static", "short", "unknown"], t_out=12.5)
     assert [(d.chunks, d.history, d.elapsed_s) for d in done] == [([512] * 4, 64, 2.5)]
-    assert log.timed() == [] and log.chunks["shared"] == [512] * 4  # chunk logs stay
+    assert log.timed() == [] and log.requests.chunk_log["shared"] == [512] * 4  # logs stay
 
 
 def test_prefills_begun_before_timing_started_are_never_measured():
-    log = PrefillLog()
+    log = PrefillLog(RequestTable())
     for _ in range(5):
         log.ran("early", 256)
     log.start_unmeasured(now=1.0)
-    assert "early" in log and log.finish(["early"], t_out=2.0) == []
+    assert log.is_timed("early") and log.finish(["early"], t_out=2.0) == []
 
 
 def _entry(fp, at, prefill=True):
@@ -64,21 +65,32 @@ def test_a_step_scheduled_after_the_last_output_measures_no_interval():
     assert ledger.returned(99, t_out=1.0) == (None, None)
 
 
-def _request(rid, **extra):
-    return NS(request_id=rid, sampling_params=NS(extra_args=extra))
-
-
 def test_bad_request_options_fall_back_with_one_warning_each(caplog):
-    opts = RequestOptions("pipeline")
+    table = RequestTable()
+    opts = RequestOptions("pipeline", table)
     with caplog.at_level(logging.WARNING, logger="vllm.dcpp"):
         for _ in range(3):
-            assert opts.mode(_request("a", dcpp_plan="fastest")) == "pipeline"
-            assert opts.fixed_chunk(_request("a", dcpp_chunk_size=0)) is None
+            assert opts.mode("a", "fastest") == "pipeline"
+            assert opts.fixed_chunk("a", 0) is None
     assert caplog.text.count("unknown dcpp_plan 'fastest'") == 1
     assert caplog.text.count("dcpp_chunk_size=0 on request a") == 1
-    assert opts.mode(_request("b", dcpp_plan="off")) == "off"
-    assert opts.fixed_chunk(_request("b", dcpp_chunk_size=1024)) == 1024
-    assert opts.mode(_request("c")) == "pipeline" and opts.fixed_chunk(_request("c")) is None
+    assert opts.mode("b", "off") == "off"
+    assert opts.fixed_chunk("b", 1024) == 1024
+    assert opts.mode("c", None) == "pipeline" and opts.fixed_chunk("c", None) is None
+    table.free(["a"])  # the warnings were the request's: a new request "a" is warned again
+    with caplog.at_level(logging.WARNING, logger="vllm.dcpp"):
+        opts.mode("a", "fastest")
+    assert caplog.text.count("unknown dcpp_plan 'fastest'") == 2
+
+
+def test_vllm_request_options_are_read_from_extra_args():
+    from dcpp.integration.vllm import vllm_compat
+
+    r = NS(request_id="a", sampling_params=NS(extra_args={"dcpp_plan": "off",
+                                                          "dcpp_chunk_size": 7}))
+    assert vllm_compat.request_options(r) == ("off", 7)
+    assert vllm_compat.request_options(NS(sampling_params=None)) == (None, None)
+    assert vllm_compat.request_options(NS(sampling_params=NS(extra_args=None))) == (None, None)
 
 
 class _Cal:
@@ -89,21 +101,23 @@ class _Cal:
 
 
 def test_the_saver_writes_on_idle_once_something_is_learnt_and_reads_it_back(tmp_path):
-    profile = NS(path=str(tmp_path / "p.json"), source="cache")
+    profile = str(tmp_path / "p.json")
     cal = _Cal()
     saver = CalibrationSaver({"model": "m"})
-    assert saver.load(profile, cal) is None and saver.path.endswith("p.calibration.json")
+    assert saver.bind(profile, cal, fresh=False) is None
+    assert saver.path.endswith("p.calibration.json")
     saver.idle(cal)
     assert not os.path.exists(saver.path)  # nothing learnt yet
     saver.learnt(cal, refitted=False)
     saver.idle(cal)
     assert os.path.exists(saver.path)
-    state = CalibrationSaver({"model": "m"}).load(profile, cal)
+    state = CalibrationSaver({"model": "m"}).bind(profile, cal, fresh=False)
     assert state.step_samples == [([(256, 0)], 1e-3)] and state.request_gaps == []
-    assert CalibrationSaver({"model": "other"}).load(profile, cal) is None  # another engine's
-    fresh = NS(path=profile.path, source="profiled")  # re-profiled: the old file goes
-    assert CalibrationSaver({"model": "m"}).load(fresh, cal) is None
+    assert CalibrationSaver({"model": "other"}).bind(profile, cal, fresh=False) is None
+    # re-profiled: the old file goes
+    assert CalibrationSaver({"model": "m"}).bind(profile, cal, fresh=True) is None
     assert not os.path.exists(saver.path)
+    assert CalibrationSaver({"model": "m"}).bind(None, cal, fresh=False) is None  # no file
 
 
 def test_steady_intervals_give_the_overhead_until_three_whole_prefills_do():

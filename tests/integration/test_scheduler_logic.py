@@ -4,109 +4,48 @@ behaviour is covered by test_vllm_engine.py."""
 
 from __future__ import annotations
 
+from dcpp.online.stage_timing import step_is_timed
+
 import concurrent.futures
 
 from types import SimpleNamespace as NS
 
 import pytest
 
-BUDGET = 1024
-MAX_LEN = 16384
-
-
-def fake_vllm_config(need_timing=True, min_chunk=64, metrics_port=0, extra=None):
-    return NS(
-        scheduler_config=NS(max_num_batched_tokens=BUDGET, enable_chunked_prefill=True),
-        model_config=NS(max_model_len=MAX_LEN, model="fake-model", dtype="float32"),
-        cache_config=NS(block_size=16),
-        parallel_config=NS(pipeline_parallel_size=2, tensor_parallel_size=1,
-                           worker_extension_cls=""),
-        additional_config={"profiling_chunk_config": {
-            "enabled": True, "min_chunk": min_chunk, "need_timing": need_timing,
-            "metrics_port": metrics_port, **(extra or {})}},
-    )
-
-
-def true_time(chunk, history):
-    """A synthetic stage: 2 ms per step, attention grows with history."""
-    return 2e-3 + 2e-6 * chunk + 4e-9 * chunk * history + 2e-9 * chunk * chunk
-
-
-def done_future(value):
-    """A future that is already done (what a worker RPC returns with non_block=True)."""
-    future = concurrent.futures.Future()
-    future.set_result(value)
-    return future
-
-
-class FakeExecutor:
-    """Profiling passes (`calls` counts them) and per-stage step timing: `queued` holds the
-    (fingerprint, seconds per rank) records the next drain returns."""
-
-    def __init__(self, fn=true_time, fail=False, step_timing=False):
-        self.fn, self.fail, self.calls = fn, fail, 0
-        self.step_timing, self.queued = step_timing, []
-        self.repeats = []  # runs per profiling pass (best of), per call
-        self.every = 1  # the workers' timing rate, as the scheduler's RPCs set it
-        self.synced = 0  # steps the workers timed (and synchronised on)
-
-    def collective_rpc(self, method, timeout=None, args=(), kwargs=None, non_block=False):
-        name = method if isinstance(method, str) else method.__name__
-        if name.endswith("enable_step_timing"):
-            if not self.step_timing:
-                raise RuntimeError("no step timing in this fake")
-            self.every = args[0] if args else 1
-            return [{"pp_rank": r, "ok": True} for r in range(2)]
-        if name.endswith("drain_step_times"):
-            out = [{"pp_rank": r, "times": [(fp, secs[r]) for fp, secs in self.queued]}
-                   for r in range(2)]
-            self.queued = []
-            if args and args[0] is not None:
-                self.every = args[0]
-            return done_future(out) if non_block else out
-        self.calls += 1
-        if self.fail:
-            raise RuntimeError("worker died")
-        n, h = args[0], args[1]
-        self.repeats.append(args[2])
-        return [{"pp_rank": r, "tp_rank": 0, "seconds": self.fn(n, h) * (1.0 + 0.1 * r)}
-                for r in range(2)]
+from dcpp.tooling.fake_engine import (  # noqa: F401 - shared stand-ins
+    BUDGET,
+    MAX_LEN,
+    SCHED,
+    FakeExecutor,
+    done_future,
+    driven_runtime,
+    fake_vllm_config,
+    req,
+    sched,
+    true_time,
+)
 
 
 def runtime(tmp_path, monkeypatch, executor=None, **kw):
-    from dcpp.config import ProfilingChunkConfig
-    from dcpp.integration.vllm.runtime import DcppRuntime
-
     monkeypatch.setenv("DCPP_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("DCPP_BUBBLE_SAMPLE_EVERY", raising=False)  # the default timing rate
-    vc = fake_vllm_config(**kw)
-    cfg = ProfilingChunkConfig.from_additional_config(vc.additional_config).check_engine(
-        pipeline_parallel_size=2, enable_chunked_prefill=True, max_num_batched_tokens=BUDGET)
-    return DcppRuntime(vc, cfg, executor=executor if executor is not None else FakeExecutor())
+    return driven_runtime(executor, **kw)
 
 
-def req(rid, n, computed=0):
-    return NS(request_id=rid, num_tokens=n, num_prompt_tokens=n, num_computed_tokens=computed,
-              num_tokens_with_spec=n, sampling_params=None)
-
-
-SCHED = NS(scheduler_config=NS(disable_chunked_mm_input=False))
-"""The scheduler `cap` reads its mm / Mamba settings from (neither applies here)."""
-
-
-def sched(running=(), budget=BUDGET):
-    return NS(running=list(running), max_num_scheduled_tokens=budget, requests={})
+def planned(rt):
+    """Requests with a plan in progress."""
+    return {s.request_id for s in rt.requests if s.plan is not None}
 
 
 def test_profiles_every_stage_takes_slowest_and_caches(tmp_path, monkeypatch):
     ex = FakeExecutor()
     rt = runtime(tmp_path, monkeypatch, executor=ex)
-    assert rt.profile_source == "profiled" and rt.num_profile_passes == ex.calls > 0
+    assert rt.profile.source == "profiled" and rt.profile.passes == ex.calls > 0
     # Stage 1 is 10% slower: the fit follows the slowest stage.
     assert rt.model.predict_time(512, 4096) == pytest.approx(1.1 * true_time(512, 4096), rel=0.1)
     ex2 = FakeExecutor()
     rt2 = runtime(tmp_path, monkeypatch, executor=ex2)
-    assert rt2.profile_source == "cache" and rt2.num_profile_passes == 0 and ex2.calls == 0
+    assert rt2.profile.source == "cache" and rt2.profile.passes == 0 and ex2.calls == 0
 
 
 @pytest.mark.parametrize("executor", [FakeExecutor(fail=True),
@@ -139,8 +78,8 @@ def test_profiling_past_its_time_budget_falls_back_to_static(tmp_path, monkeypat
     with caplog.at_level(logging.WARNING, logger="vllm.dcpp"):
         rt = runtime(tmp_path, monkeypatch, executor=ex)
     assert time.monotonic() - t0 < 5.0
-    assert rt.model is None and rt.profile_source == "none"
-    assert 0 < rt.num_profile_passes == ex.calls < 17  # stopped part-way through one profile
+    assert rt.model is None and rt.profile.source == "none"
+    assert 0 < rt.profile.passes == ex.calls < 17  # stopped part-way through one profile
     assert all(t is not None and t <= 0.5 for t in ex.timeouts), ex.timeouts
     assert "DCPP_PROFILE_TIMEOUT_S" in caplog.text and "static chunking" in caplog.text
     rt.begin_step(sched())
@@ -157,16 +96,16 @@ def test_noisy_profile_is_retried_once_with_more_repeats(tmp_path, monkeypatch):
     ex.fn = lambda n, h: rng.uniform(1e-3, 1e-1) if ex.calls <= 17 else true_time(n, h)
     monkeypatch.setenv("DCPP_PROFILE_REPEATS", "2")
     rt = runtime(tmp_path, monkeypatch, executor=ex)
-    assert rt.model is not None and rt.profile_source == "profiled"
-    assert rt.num_profile_passes == ex.calls == 34
+    assert rt.model is not None and rt.profile.source == "profiled"
+    assert rt.profile.passes == ex.calls == 34
     assert ex.repeats == [2] * 17 + [4] * 17
 
 
 def test_degenerate_profile_falls_back_after_the_retry(tmp_path, monkeypatch):
     ex = FakeExecutor(fn=lambda n, h: 0.01)  # timings that do not depend on the chunk
     rt = runtime(tmp_path, monkeypatch, executor=ex)
-    assert rt.model is None and rt.profile_source == "none"
-    assert rt.num_profile_passes == ex.calls == 34
+    assert rt.model is None and rt.profile.source == "none"
+    assert rt.profile.passes == ex.calls == 34
 
 
 def test_single_prefill_follows_plan_and_decodes_untouched(tmp_path, monkeypatch):
@@ -183,7 +122,7 @@ def test_single_prefill_follows_plan_and_decodes_untouched(tmp_path, monkeypatch
         rt.end_step(s, NS(num_scheduled_tokens={"a": c}))
         done.append(c)
     assert done == plan
-    assert "a" not in rt.plans
+    assert "a" not in planned(rt)
     rt.begin_step(sched([r]))
     assert rt.cap(SCHED, req("d", 10, computed=9), 9, 1) == 1
 
@@ -201,11 +140,11 @@ def test_forget_drops_plans_and_prefill_timers(tmp_path, monkeypatch):
     for r in reqs:
         r.num_computed_tokens = granted[r.request_id]
     rt.end_step(s, NS(num_scheduled_tokens=granted))
-    assert set(rt.plans) == {"a", "b", "c"} and set(rt.prefills.timed()) == {"a", "b", "c"}
-    rt.forget(["a", "unknown"])
-    assert set(rt.plans) == {"b", "c"} and set(rt.prefills.timed()) == {"b", "c"}
-    rt.forget(None)
-    assert not rt.plans and not rt.prefills.timed()
+    assert planned(rt) == {"a", "b", "c"} and set(rt.prefills.timed()) == {"a", "b", "c"}
+    rt.free(["a", "unknown"])
+    assert planned(rt) == {"b", "c"} and set(rt.prefills.timed()) == {"b", "c"}
+    rt.free(None)
+    assert not planned(rt) and not rt.prefills.timed()
 
 
 def test_several_prefills_share_a_time_budget_and_decodes_are_reserved(tmp_path, monkeypatch):
@@ -237,13 +176,13 @@ def test_plan_off_and_prefix_hit(tmp_path, monkeypatch):
     hit = req("b", 6000, computed=2048)
     rt.begin_step(sched())
     c = rt.cap(SCHED, hit, 2048, BUDGET)
-    assert rt.plan_log["b"][0] == 2048
+    assert rt.plan_log["b"][0][0] == 2048
     assert c == rt.predictors["pipeline"].plan(6000 - 2048, history=2048)[0]
 
 
 def test_no_timing_no_bookkeeping(tmp_path, monkeypatch):
     rt = runtime(tmp_path, monkeypatch, need_timing=False)
-    assert not rt.calibrating and not rt.stage_timing
+    assert rt.cal is None and not rt.stage_timing
     r = req("a", 3000)
     s = sched([r])
     rt.begin_step(s)
@@ -254,7 +193,7 @@ def test_no_timing_no_bookkeeping(tmp_path, monkeypatch):
     rt.end_step(s, out)
     assert len(rt.ledger) == 0
     rt.on_output(out, 1.0, idle=True)
-    assert rt.num_observations == 0
+    assert rt.cal is None and rt.phase.value == "profiled"
     rt.close()
     assert not list(tmp_path.glob("*.calibration.json"))  # nothing learnt, nothing saved
 
@@ -281,13 +220,13 @@ def test_one_calibrator_for_both_sources(tmp_path, monkeypatch, source):
     and from per-stage times."""
     ex = FakeExecutor(step_timing=source == "stage times")
     rt = runtime(tmp_path, monkeypatch, executor=ex)
-    assert rt.calibrating and rt.stage_timing == (source == "stage times")
+    assert rt.cal is not None and rt.stage_timing == (source == "stage times")
     if source == "intervals":
         _run_interval_steps(rt, 128, lambda c, h: 1.5 * true_time(c, h))
     else:
         _run_timed_steps(rt, ex, 128, 0.0, factor=1.5)
-    assert rt.num_refits > 0 and rt.median_error() < 0.05
-    assert rt.compute_model.predict_time(512, 4096) == pytest.approx(
+    assert rt.cal.num_refits > 0 and rt.cal.median_error() < 0.05
+    assert rt.cal.model.predict_time(512, 4096) == pytest.approx(
         1.5 * true_time(512, 4096), rel=0.05)
 
 
@@ -297,7 +236,7 @@ def test_drift_threshold_acts_on_the_interval_source(tmp_path, monkeypatch, thre
     """After calibration the engine gets 2x slower: with drift_threshold 0.10 the recent
     errors force a refit within 8 steps; with 5.0 nothing is forced (the periodic refit and
     the fast scale remain)."""
-    from dcpp.integration.vllm import calibrator
+    from dcpp.online.calibration import calibrator
 
     monkeypatch.setattr(calibrator, "REFIT_EVERY", 10_000)  # only drift refits the base
     ex = FakeExecutor()
@@ -318,10 +257,10 @@ def test_stage_timing_calibrates_compute_and_learns_overhead(tmp_path, monkeypat
     assert rt.stage_timing
     overhead = 4e-3
     _run_timed_steps(rt, ex, 64, overhead)
-    assert rt.num_refits > 0
-    assert rt.median_error() < 0.05
-    assert rt.overhead_s() == pytest.approx(overhead, rel=0.05)
-    assert rt.model.c == pytest.approx(rt.compute_model.c + rt.overhead_s())
+    assert rt.cal.num_refits > 0
+    assert rt.cal.median_error() < 0.05
+    assert rt.cal.overhead_s() == pytest.approx(overhead, rel=0.05)
+    assert rt.model.c == pytest.approx(rt.cal.model.c + rt.cal.overhead_s())
 
 
 def test_a_few_steps_from_one_region_do_not_rescale_the_whole_model(tmp_path, monkeypatch):
@@ -329,20 +268,20 @@ def test_a_few_steps_from_one_region_do_not_rescale_the_whole_model(tmp_path, mo
     long prompt running 40% slower than the model (a shape error there, or a burst of noise)
     must not make every other step 40% dearer; a machine that really got slower (every step)
     is followed within a few dozen steps."""
-    from dcpp.integration.vllm import runtime as sched_mod
+    from dcpp.online import runtime as sched_mod
 
     monkeypatch.setattr(sched_mod, "TIMING_SAMPLE_EVERY", 1)  # the scale's rule, not sampling
     ex = FakeExecutor(step_timing=True)
     rt = runtime(tmp_path, monkeypatch, executor=ex)
     _run_timed_steps(rt, ex, 64, 0.0, factor=1.0)  # the 64th step triggers a refit
-    refits = rt.num_refits
+    refits = rt.cal.num_refits
     assert refits > 0
     _run_timed_steps(rt, ex, 8, 0.0, factor=1.4, shape=lambda i: (256, 14336 + 256 * i))
-    assert rt.num_refits - refits <= 1  # not a new base fit: the fast scale's doing
-    small = rt.compute_model.predict_time(512, 1024) / true_time(512, 1024)
+    assert rt.cal.num_refits - refits <= 1  # not a new base fit: the fast scale's doing
+    small = rt.cal.model.predict_time(512, 1024) / true_time(512, 1024)
     assert small == pytest.approx(1.0, abs=0.1), f"a short prompt now predicted {small:.2f}x"
     _run_timed_steps(rt, ex, 48, 0.0, factor=1.5)
-    assert rt.compute_model.predict_time(512, 1024) / true_time(512, 1024) == pytest.approx(
+    assert rt.cal.model.predict_time(512, 1024) / true_time(512, 1024) == pytest.approx(
         1.5, rel=0.1)
 
 
@@ -363,7 +302,7 @@ def test_calibrated_workers_time_one_step_in_eight_and_every_step_on_drift(tmp_p
     ex.synced = 0
     _run_timed_steps(rt, ex, 200, 4e-3, factor=2.0)  # twice as slow from now on
     assert ex.synced > 200 / 4  # drift: every step timed for a while
-    assert rt.compute_model.predict_time(512, 1024) == pytest.approx(
+    assert rt.cal.model.predict_time(512, 1024) == pytest.approx(
         2.0 * true_time(512, 1024), rel=0.1)
 
 
@@ -394,7 +333,7 @@ def _run_timed_steps(rt, ex, n, overhead, factor=1.3, shape=_shape):
         rt.end_step(s, out)
         rt.ledger._queue[-1].scheduled_at = t - 1e-4  # queued behind the previous step
         fp = vllm_compat.step_fingerprint(out)
-        if vllm_compat.step_is_timed(fp, ex.every):  # what a worker's sampled timer records
+        if step_is_timed(fp, ex.every):  # what a worker's sampled timer records
             ex.synced += 1
             ex.queued.append((fp, (0.9 * slower(c, h), slower(c, h))))
         bubble = max(0.0, slower(c, h) - prev) if prev is not None else 0.0
@@ -423,11 +362,11 @@ def test_metrics_endpoint_reports_chunks_errors_and_closes(tmp_path, monkeypatch
               for line in text.splitlines() if line and not line.startswith("#")}
     assert values["dcpp_prefill_chunk_tokens_count"] == 16
     assert values["dcpp_prefill_chunk_tokens_sum"] == sum(_shape(i)[0] for i in range(16))
-    assert values["dcpp_chunk_latency_prediction_error_count"] == len(rt.step_log) == 16
-    assert values["dcpp_profile_passes"] == rt.num_profile_passes > 0
+    assert values["dcpp_chunk_latency_prediction_error_count"] == len(rt.cal.step_log) == 16
+    assert values["dcpp_profile_passes"] == rt.profile.passes > 0
     assert values["dcpp_dynamic_chunking_active"] == 1
     assert values["dcpp_latency_model_scale"] == pytest.approx(rt.cal.scale)
-    assert values["dcpp_step_overhead_seconds"] == pytest.approx(rt.overhead_s())
+    assert values["dcpp_step_overhead_seconds"] == pytest.approx(rt.cal.overhead_s())
     # Closed with the runtime: a restarted engine's endpoint can take the port again.
     from dcpp.integration.vllm.metrics import start_metrics as restart
 
@@ -441,7 +380,7 @@ def test_whole_prefill_times_teach_the_per_step_cost(tmp_path, monkeypatch):
     model's pipeline TTFT of their chunks: that is the per-step cost the planner charges, so
     later plans use fewer chunks."""
     from dcpp.chunker.planner import plan_cost
-    from dcpp.integration.vllm import runtime as sched_mod
+    from dcpp.online import runtime as sched_mod
     from dcpp.integration.vllm import vllm_compat
 
     clock = [100.0]
@@ -468,13 +407,13 @@ def test_whole_prefill_times_teach_the_per_step_cost(tmp_path, monkeypatch):
             done = r.num_computed_tokens >= r.num_tokens
             if done:  # the prefill's output: the compute model's TTFT plus `extra` per step
                 chunks = rt.chunk_log[r.request_id]
-                clock[0] = t_first + plan_cost(rt.compute_model, chunks, 2) + extra * (
+                clock[0] = t_first + plan_cost(rt.cal.model, chunks, 2) + extra * (
                     len(chunks) + 1)
             rt.on_output(out, clock[0], idle=done)
         clock[0] += 1.0
     assert len(rt.cal.overhead.request_gaps) == 4
-    assert rt.overhead_s() == pytest.approx(extra, rel=0.02)
-    assert rt.model.c == pytest.approx(rt.compute_model.c + extra)
+    assert rt.cal.overhead_s() == pytest.approx(extra, rel=0.02)
+    assert rt.model.c == pytest.approx(rt.cal.model.c + extra)
     assert len(rt.predictors["pipeline"].plan(6000, history=0)) < len(chunks_before)
 
 
@@ -487,7 +426,7 @@ def test_online_refit_corrects_a_wrong_profile_shape(tmp_path, monkeypatch):
     _run_timed_steps(rt, ex, 128, 4e-3)  # real stages: 1.3 * true_time at the slowest
     assert rt.cal.last_refit_error is None and rt.cal.base is not rt.cal.profile_model
     for c, h in [(256, 0), (704, 7680), (512, 4096), (320, 6144)]:
-        assert rt.compute_model.predict_time(c, h) == pytest.approx(1.3 * true_time(c, h),
+        assert rt.cal.model.predict_time(c, h) == pytest.approx(1.3 * true_time(c, h),
                                                                     rel=0.03)
 
 
@@ -495,37 +434,37 @@ def test_restart_starts_from_the_saved_calibration(tmp_path, monkeypatch):
     """What calibration learnt (refit window, per-step overhead) is saved at shutdown beside the
     profile; a restart with the same cache key loads it and plans like the engine it replaces,
     without profiling and without waiting for new step timings."""
-    from dcpp.integration.vllm import calibration_store
+    from dcpp.online.calibration import store as calibration_store
 
     wrong = lambda c, h: 2e-3 + 2e-6 * c + 4e-9 * c * h + 8e-9 * c * c  # noqa: E731
     ex = FakeExecutor(fn=wrong, step_timing=True)
     rt = runtime(tmp_path, monkeypatch, executor=ex)
     overhead = 4e-3
     _run_timed_steps(rt, ex, 96, overhead)
-    path = calibration_store.path_for(rt.profile_path)
+    path = calibration_store.path_for(rt.profile.path)
     import os
 
     assert os.path.exists(path)  # saved when the engine went idle, before any shutdown
     rt.close()
-    assert rt.overhead_s() == pytest.approx(overhead, rel=0.05)
+    assert rt.cal.overhead_s() == pytest.approx(overhead, rel=0.05)
 
     ex2 = FakeExecutor(fn=wrong, step_timing=True)
     rt2 = runtime(tmp_path, monkeypatch, executor=ex2)
-    assert rt2.profile_source == "cache" and ex2.calls == 0
-    assert len(rt2.cal.samples) == len(rt.cal.samples) > 64 and rt2.num_observations == 0
-    assert rt2.overhead_s() == pytest.approx(rt.overhead_s())
-    assert rt2.model.c == pytest.approx(rt2.compute_model.c + overhead, rel=0.05)
+    assert rt2.profile.source == "cache" and ex2.calls == 0
+    assert len(rt2.cal.samples) == len(rt.cal.samples) > 64 and rt2.cal.num_observations == 0
+    assert rt2.cal.overhead_s() == pytest.approx(rt.cal.overhead_s())
+    assert rt2.model.c == pytest.approx(rt2.cal.model.c + overhead, rel=0.05)
     for c, h in [(256, 0), (704, 7680), (512, 4096)]:  # the profile's shape is corrected
-        assert rt2.compute_model.predict_time(c, h) == pytest.approx(1.3 * true_time(c, h),
+        assert rt2.cal.model.predict_time(c, h) == pytest.approx(1.3 * true_time(c, h),
                                                                      rel=0.03)
     assert rt2.predictors["pipeline"].plan(6000) == rt.predictors["pipeline"].plan(6000)
     rt2.close()
 
     # Re-profiling (the profile file gone) makes the calibration obsolete: it is removed.
-    os.unlink(rt.profile_path)
+    os.unlink(rt.profile.path)
     rt3 = runtime(tmp_path, monkeypatch, executor=FakeExecutor(fn=wrong, step_timing=True))
-    assert rt3.profile_source == "profiled" and not os.path.exists(path)
-    assert len(rt3.cal.samples) == 0 and rt3.overhead_s() == 0.0
+    assert rt3.profile.source == "profiled" and not os.path.exists(path)
+    assert len(rt3.cal.samples) == 0 and rt3.cal.overhead_s() == 0.0
 
 
 @pytest.mark.parametrize("damage", ["not json", "other key", "other profile", "bad sample"])
@@ -534,13 +473,13 @@ def test_unusable_calibration_file_is_ignored_with_a_warning(tmp_path, monkeypat
     import json
     import logging
 
-    from dcpp.integration.vllm import calibration_store
+    from dcpp.online.calibration import store as calibration_store
 
     ex = FakeExecutor(step_timing=True)
     rt = runtime(tmp_path, monkeypatch, executor=ex)
     _run_timed_steps(rt, ex, 16, 4e-3)
     rt.close()
-    path = calibration_store.path_for(rt.profile_path)
+    path = calibration_store.path_for(rt.profile.path)
     doc = json.loads(open(path).read())
     if damage == "not json":
         text = "{"
@@ -557,8 +496,8 @@ def test_unusable_calibration_file_is_ignored_with_a_warning(tmp_path, monkeypat
     with caplog.at_level(logging.WARNING, logger="vllm.dcpp"):
         rt2 = runtime(tmp_path, monkeypatch, executor=FakeExecutor(step_timing=True))
     assert "ignoring calibration file" in caplog.text
-    assert rt2.profile_source == "cache" and rt2.model is not None
-    assert len(rt2.cal.samples) == 0 and rt2.overhead_s() == 0.0
+    assert rt2.profile.source == "cache" and rt2.model is not None
+    assert len(rt2.cal.samples) == 0 and rt2.cal.overhead_s() == 0.0
 
 
 def test_unwritable_calibration_file_warns_once_and_serving_goes_on(tmp_path, monkeypatch, caplog):
@@ -571,7 +510,7 @@ def test_unwritable_calibration_file_warns_once_and_serving_goes_on(tmp_path, mo
         _run_timed_steps(rt, ex, 32, 4e-3)  # idle every 8 steps: several save attempts
         rt.close()
     assert caplog.text.count("could not save calibration") == 1
-    assert rt.num_observations == 32 and rt.median_error() < 0.05
+    assert rt.cal.num_observations == 32 and rt.cal.median_error() < 0.05
 
 
 def test_draft_tokens_are_not_prefill():
@@ -582,8 +521,9 @@ def test_draft_tokens_are_not_prefill():
     decode = NS(num_tokens=101, num_computed_tokens=103, num_prompt_tokens=90)  # 100 + 3 new
     prompt = NS(num_tokens=500, num_computed_tokens=500, num_prompt_tokens=500)
     s = NS(requests={"d": decode, "p": prompt})
-    got = vllm_compat.scheduled_requests(s, NS(num_scheduled_tokens={"d": 3, "p": 3}))
-    assert got == [("d", 3, 100, False, 101), ("p", 3, 497, True, 500)]
+    got = vllm_compat.scheduled_step(s, NS(num_scheduled_tokens={"d": 3, "p": 3})).requests
+    assert [(r.request_id, r.tokens, r.history, r.prefill, r.total) for r in got] == [
+        ("d", 3, 100, False, 101), ("p", 3, 497, True, 500)]
 
 
 def test_encoder_spans_and_mamba_alignment_come_from_vllms_settings():

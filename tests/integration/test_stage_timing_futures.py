@@ -11,18 +11,16 @@ test_scheduler_logic.py.
 
 from __future__ import annotations
 
+from dcpp.online.stage_timing import step_is_timed
+
 import concurrent.futures
 from types import SimpleNamespace as NS
 
 import pytest
 
-BUDGET = 1024
-MAX_LEN = 16384
+from dcpp.tooling.fake_engine import BUDGET, FakeExecutor, driven_runtime, true_time
+
 NUM_STAGES = 2
-
-
-def true_time(chunk, history):
-    return 2e-3 + 2e-6 * chunk + 4e-9 * chunk * history + 2e-9 * chunk * chunk
 
 
 class NeverDoneFuture(concurrent.futures.Future):
@@ -55,55 +53,18 @@ class MpLikeFuture(concurrent.futures.Future):
         return self.value
 
 
-class FakeExecutor:
-    """Profiling passes and per-stage step timing for `NUM_STAGES` workers; `queued` holds the
-    (fingerprint, seconds per rank) records the next drain returns."""
-
-    def __init__(self, future_cls):
-        self.future_cls = future_cls
-        self.queued: list = []
-        self.every = 1
-        self.outputs = 0  # step outputs the scheduler has seen (the engine's progress)
-        self.reads: list[int] = []  # `outputs` at each drain read
-        self.drains_sent = 0
-        self.timed = 0  # steps the workers timed
-
-    def collective_rpc(self, method, timeout=None, args=(), kwargs=None, non_block=False):
-        name = method if isinstance(method, str) else method.__name__
-        ranks = range(NUM_STAGES)
-        if name.endswith("enable_step_timing"):
-            self.every = args[0] if args else 1
-            return [{"pp_rank": r, "ok": True} for r in ranks]
-        if name.endswith("drain_step_times"):
-            self.drains_sent += 1
-            out = [{"pp_rank": r, "times": [(fp, secs[r]) for fp, secs in self.queued]}
-                   for r in ranks]
-            self.queued = []
-            if args and args[0] is not None:
-                self.every = args[0]
-            return self.future_cls(out, self) if non_block else out
-        n, h = args[0], args[1]
-        return [{"pp_rank": r, "tp_rank": 0, "seconds": true_time(n, h) * (1.0 + 0.1 * r)}
-                for r in ranks]
+def executor(future_cls):
+    """The shared fake workers, with futures of `future_cls` and the counters they keep."""
+    ex = FakeExecutor(step_timing=True, num_stages=NUM_STAGES, future=future_cls)
+    ex.outputs = 0  # step outputs the scheduler has seen (the engine's progress)
+    ex.reads = []  # `outputs` at each drain read
+    ex.timed = 0  # steps the workers timed
+    return ex
 
 
 def runtime(tmp_path, monkeypatch, executor):
-    from dcpp.config import ProfilingChunkConfig
-    from dcpp.integration.vllm.runtime import DcppRuntime
-
     monkeypatch.setenv("DCPP_CACHE_DIR", str(tmp_path))
-    vc = NS(
-        scheduler_config=NS(max_num_batched_tokens=BUDGET, enable_chunked_prefill=True),
-        model_config=NS(max_model_len=MAX_LEN, model="fake-model", dtype="float32"),
-        cache_config=NS(block_size=16),
-        parallel_config=NS(pipeline_parallel_size=NUM_STAGES, tensor_parallel_size=1,
-                           worker_extension_cls=""),
-        additional_config={"profiling_chunk_config": {"enabled": True, "min_chunk": 64}},
-    )
-    cfg = ProfilingChunkConfig.from_additional_config(vc.additional_config).check_engine(
-        pipeline_parallel_size=NUM_STAGES, enable_chunked_prefill=True,
-        max_num_batched_tokens=BUDGET)
-    return DcppRuntime(vc, cfg, executor=executor)
+    return driven_runtime(executor)
 
 
 def run_busy_steps(rt, ex, n):
@@ -123,7 +84,7 @@ def run_busy_steps(rt, ex, n):
         rt.end_step(s, out)
         rt.ledger._queue[-1].scheduled_at = t - 1e-4
         fp = vllm_compat.step_fingerprint(out)
-        if vllm_compat.step_is_timed(fp, ex.every):
+        if step_is_timed(fp, ex.every):
             ex.timed += 1
             ex.queued.append((fp, (0.9 * 1.3 * true_time(c, h), 1.3 * true_time(c, h))))
         t += 1.3 * true_time(c, h) + 4e-3
@@ -135,7 +96,7 @@ def run_busy_steps(rt, ex, n):
                          ids=["legacy-ray", "multiprocessing"])
 def test_calibration_gets_stage_times_when_futures_never_report_done(tmp_path, monkeypatch,
                                                                      future_cls):
-    ex = FakeExecutor(future_cls)
+    ex = executor(future_cls)
     rt = runtime(tmp_path, monkeypatch, ex)
     assert rt.stage_timing and rt.model is not None
     run_busy_steps(rt, ex, 200)
@@ -145,10 +106,10 @@ def test_calibration_gets_stage_times_when_futures_never_report_done(tmp_path, m
     # ... and every step the workers timed reached calibration but those of the last drains
     # (every step until calibrated, then 1 in 8).
     assert ex.timed > 64
-    assert ex.timed - 16 <= rt.num_observations <= ex.timed, (rt.num_observations, ex.timed)
-    assert rt.num_refits > 0
+    assert ex.timed - 16 <= rt.cal.num_observations <= ex.timed, (rt.cal.num_observations, ex.timed)
+    assert rt.cal.num_refits > 0
     # Calibration follows the stages' real speed (1.3x the profile's).
-    assert rt.compute_model.predict_time(512, 1024) == pytest.approx(
+    assert rt.cal.model.predict_time(512, 1024) == pytest.approx(
         1.3 * true_time(512, 1024), rel=0.15)
     # Nothing piles up: at most one drain in flight, few steps waiting for one.
     assert len(rt.timing.sent) < 16
@@ -158,7 +119,7 @@ def test_drain_of_a_never_done_future_waits_for_the_steps_in_flight(tmp_path, mo
     """The drain is read once the steps that were in flight when it was sent (PP of them)
     have come back, not at once: before that a multiprocessing executor's result() would wait
     on a running step."""
-    ex = FakeExecutor(NeverDoneFuture)
+    ex = executor(NeverDoneFuture)
     rt = runtime(tmp_path, monkeypatch, ex)
     sent_at = []
     real = ex.collective_rpc

@@ -80,6 +80,20 @@ def test_bad_config_fails_at_startup_with_message(tiny_checkpoint, block, match)
         engine_config(tiny_checkpoint, additional_config={"profiling_chunk_config": block})
 
 
+@pytest.mark.parametrize("name, value", [("DCPP_PROFILE_REPEATS", "0"),
+                                         ("DCPP_BUBBLE_SAMPLE_EVERY", "often"),
+                                         ("DCPP_METRICS_HOST", "my host")])
+def test_bad_environment_variable_fails_at_startup_naming_it(tiny_checkpoint, monkeypatch,
+                                                             name, value):
+    """Checked in the config hook (the process that builds the config, before EngineCore is
+    spawned and weights load), not in the scheduler's __init__ later."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"{name}={value!r} must be"):
+        engine_config(tiny_checkpoint,
+                      additional_config={"profiling_chunk_config": {"enabled": True}})
+    engine_config(tiny_checkpoint)  # dcpp off: the variable is not read
+
+
 def test_pp1_fails_fast(tiny_checkpoint):
     with pytest.raises(ValueError, match="pipeline-parallel-size"):
         engine_config(tiny_checkpoint, pipeline_parallel_size=1,

@@ -11,6 +11,7 @@ import math
 
 import pytest
 
+import vllm_testlib as lib
 from vllm_testlib import BUDGET, MAX_MODEL_LEN, MIN_CHUNK, make_engine, prompt, vllm_available
 
 pytestmark = [
@@ -72,19 +73,19 @@ def test_plugin_switched_scheduler_and_profiled(engine):
     assert isinstance(sched, DcppScheduler)
     rt = sched.dcpp
     assert rt is not None and rt.model is not None, "profiling fell back to static chunking"
-    assert rt.profile_source == "profiled"
-    assert rt.num_profile_passes > 0
+    assert rt.profile.source == "profiled"
+    assert rt.profile.passes > 0
     # The profile landed in the cache for the next start-up.
     import os
 
-    assert rt.profile_path and os.path.exists(rt.profile_path)
+    assert rt.profile.path and os.path.exists(rt.profile.path)
 
 
 def test_greedy_identical_static_vs_dynamic_and_chunk_plan(engine):
     rt = engine.scheduler.dcpp
     p = prompt(PROMPT_LEN, seed=1)
     static = generate(engine, [p], plan="off")[0]
-    refits = rt.num_refits
+    refits = rt.cal.num_refits
     dynamic = generate(engine, [p])[0]
     assert list(dynamic.outputs[0].token_ids) == list(static.outputs[0].token_ids)
 
@@ -94,9 +95,9 @@ def test_greedy_identical_static_vs_dynamic_and_chunk_plan(engine):
     print("dynamic chunks", chunks, "static", static_chunks)
     assert sum(chunks) == PROMPT_LEN
     # The executed sequence is the plan the chunker made at admission...
-    start, planned = entry(rt.plan_log, dynamic.request_id)
+    [(start, planned)] = entry(rt.plan_log, dynamic.request_id)  # one plan, as made
     assert start == 0 and chunks == planned
-    if rt.num_refits == refits:  # ...which is the chunker's plan for this prompt
+    if rt.cal.num_refits == refits:  # ...which is the chunker's plan for this prompt
         assert chunks == rt.predictors[rt.cfg.plan_mode].plan(PROMPT_LEN, history=0)
     # The default (pipeline-aware) plan is never worse than equal-time under the model; the
     # equal-time plan's chunks shrink as history grows (the last one is the remainder).
@@ -105,7 +106,7 @@ def test_greedy_identical_static_vs_dynamic_and_chunk_plan(engine):
     eq = generate(engine, [p], plan="equal_time")[0]
     assert list(eq.outputs[0].token_ids) == list(static.outputs[0].token_ids)
     eq_chunks = entry(rt.chunk_log, eq.request_id)
-    assert entry(rt.plan_log, eq.request_id)[1] == eq_chunks
+    assert entry(rt.plan_log, eq.request_id) == [(0, eq_chunks)]
     assert sum(eq_chunks) == PROMPT_LEN
     body = eq_chunks[:-1]
     assert all(a >= b for a, b in zip(body, body[1:])), eq_chunks
@@ -146,7 +147,7 @@ def test_prefix_cache_hit_starts_at_cached_history(engine):
     first = generate(engine, [base])[0]
     extended = base + prompt(700, seed=4)
     second = generate(engine, [extended], fresh=False)[0]
-    start, planned = entry(rt.plan_log, second.request_id)
+    [(start, planned)] = entry(rt.plan_log, second.request_id)
     assert start >= 1024, f"expected a prefix-cache hit, plan started at {start}"
     assert sum(entry(rt.chunk_log, second.request_id)) == len(extended) - start
     reference = generate(engine, [extended], plan="off")[0]
@@ -165,14 +166,14 @@ def test_concurrent_long_prompts_and_short_requests_finish(engine):
         if len(p) > 1:
             assert sum(entry(rt.chunk_log, o.request_id)) == len(p)
     # Nothing left behind in dcpp's per-request state.
-    assert not rt.plans
+    assert not lib.live_plans(rt) and len(rt.requests) == 0
 
 
 def test_calibration_observes_step_timings(engine):
     rt = engine.scheduler.dcpp
     assert rt.cfg.need_timing
-    assert rt.num_observations > 0
-    assert math.isfinite(rt.median_error())
+    assert rt.cal.num_observations > 0
+    assert math.isfinite(rt.cal.median_error())
 
 
 def test_abort_mid_prefill_loses_nothing_and_leaves_nothing_behind(engine):
@@ -197,11 +198,11 @@ def test_abort_mid_prefill_loses_nothing_and_leaves_nothing_behind(engine):
             eng.step()
             # A plan may be put off to the request's second step (`ChunkSizer._plan_for`).
             if computed(name) >= min(2 * MIN_CHUNK, len(tokens) // 2) and (
-                    plan is not None or internal_ids(rt.plans, name)):
+                    plan is not None or internal_ids(lib.live_plans(rt), name)):
                 break
         assert 0 < computed(name) < len(tokens), (name, computed(name))
         if plan is None:
-            assert internal_ids(rt.plans, name), f"{name} should have a live plan"
+            assert internal_ids(lib.live_plans(rt), name), f"{name} should have a live plan"
         eng.abort_request([name])
 
     # One doomed prompt under vLLM's own chunking ("off": no plan), one under dcpp's plan,
@@ -221,7 +222,8 @@ def test_abort_mid_prefill_loses_nothing_and_leaves_nothing_behind(engine):
     static = generate(engine, [kept], plan="off", max_tokens=4, ignore_eos=True)[0]
     assert list(finished["keep-me"].outputs[0].token_ids) == list(static.outputs[0].token_ids)
     # dcpp keeps no per-request state for the aborted requests (nor for the finished one).
-    assert not rt.plans and not rt.sizer._deferred
+    # Every record went with its request (vLLM's _free_request), the plans and timers with it.
+    assert len(rt.requests) == 0
     assert not internal_ids(rt.prefills.timed(), "abort-me")
     assert not internal_ids(rt.prefills.timed(), "abort-me-too")
     assert len(rt.ledger) == 0
@@ -282,4 +284,4 @@ def test_preemption_replans_from_the_new_history_and_loses_nothing(engine, monke
     # Its whole prompt ran before the preemption (vLLM admits a prompt whose blocks all fit),
     # then what the prefix cache had lost ran again.
     assert sum(rt.chunk_log[victim]) >= n + (resumed_total - at)
-    assert not rt.plans
+    assert not lib.live_plans(rt) and len(rt.requests) == 0

@@ -60,11 +60,11 @@ def chunks(rt, request_id):
 
 
 def test_starts_static_switches_to_dynamic_same_tokens(engine, caplog):
-    from dcpp.integration.vllm.harness import static_chunks
+    from dcpp.tooling.harness import static_chunks
 
     rt = engine.scheduler.dcpp
     assert rt is not None and rt.model is None and rt.live is not None
-    assert rt.num_profile_passes == 0 and rt.profile_source == "none"
+    assert rt.profile.passes == 0 and rt.profile.source == "none"
     assert rt.stage_timing, "per-stage step timing should be on"
     p = prompt(PROMPT_LEN, seed=1)
     static = static_chunks(PROMPT_LEN, BUDGET)
@@ -88,8 +88,8 @@ def test_starts_static_switches_to_dynamic_same_tokens(engine, caplog):
     switch = [m for m in caplog.messages if "dynamic chunking on" in m]
     assert len(switch) == 1 and "live calibration: fitted" in switch[0], caplog.messages
     print(f"after {served} prompts:", switch[0])
-    assert rt.model is not None and rt.profile_source == "live"
-    assert os.path.exists(rt.profile_path)  # the next start loads it: dynamic at once
+    assert rt.model is not None and rt.profile.source == "live"
+    assert os.path.exists(rt.profile.path)  # the next start loads it: dynamic at once
 
     # dcpp plans every prompt now. The default (pipeline) plan may keep the budget where the
     # fitted per-step cost says more chunks cost more than they save on this tiny model; the
@@ -97,7 +97,7 @@ def test_starts_static_switches_to_dynamic_same_tokens(engine, caplog):
     # shrinks depends on the fit's history terms, which a noisy CPU fit may set to 0).
     after, rid = generate(engine, p)
     dynamic = chunks(rt, rid)
-    start, planned = [v for k, v in rt.plan_log.items() if k.rsplit("-", 1)[0] == rid][0]
+    [(start, planned)] = [v for k, v in rt.plan_log.items() if k.rsplit("-", 1)[0] == rid][0]
     assert start == 0 and planned == dynamic and sum(dynamic) == PROMPT_LEN
     equal, rid = generate(engine, p, plan="equal_time")
     eq = chunks(rt, rid)

@@ -12,7 +12,7 @@ only built on the last PP rank, and that line reads it on every rank):
 (run with ngram, k=3, PP=2; by the code any method fails there; vLLM 0.33's V1 model runner has
 the same line, read, not run).
 So vLLM's own scheduler classes run here with an ngram `SpeculativeConfig` and no model (as
-vLLM's scheduler tests do, through `dcpp.integration.vllm.offline`): a deterministic fake model
+vLLM's scheduler tests do, through `dcpp.tooling.offline`): a deterministic fake model
 verifies the drafts the way vLLM's rejection sampler does (the longest correct prefix plus one
 token), and a fake drafter proposes k drafts after every decode step (the ngram drafter's
 place), two steps in flight as with PP=2. Greedy outputs must equal those of vLLM's own
@@ -20,6 +20,8 @@ scheduler and of dcpp's static plan.
 """
 
 from __future__ import annotations
+
+from dcpp.online.stage_timing import step_is_timed
 
 import collections
 
@@ -41,7 +43,7 @@ PP = 2
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from dcpp.integration.vllm.harness import tiny_llama
+    from dcpp.tooling.harness import tiny_llama
 
     return tiny_llama(tmp_path_factory.mktemp("spec_llama"), layers=2, hidden=64,
                       max_len=MAX_LEN)
@@ -68,7 +70,7 @@ def build(cls, model_dir, monkeypatch, tmp_path, executor=None, dcpp=None):
     """`cls` (vLLM's or dcpp's scheduler) with vLLM's ngram speculative config."""
     from vllm.config import SpeculativeConfig, VllmConfig
 
-    from dcpp.integration.vllm import offline
+    from dcpp.tooling import offline
 
     real_init = VllmConfig.__init__
 
@@ -100,7 +102,7 @@ class Engine:
         self.accepted = 0
 
     def add(self, rid, n, seed, **kw):
-        from dcpp.integration.vllm import offline
+        from dcpp.tooling import offline
 
         self.sched.add_request(offline.make_request(n, max_tokens=MAX_TOKENS, request_id=rid,
                                                     seed=seed, **kw))
@@ -142,7 +144,7 @@ class Engine:
         if has_prefill:
             self.prefill_steps += 1
             if self.executor is not None and self.executor.timing_every is not None and (
-                    vllm_compat.step_is_timed(vllm_compat.step_fingerprint(out),
+                    step_is_timed(vllm_compat.step_fingerprint(out),
                                               self.executor.timing_every)):
                 self.timed_prefill_steps += 1
         return ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
@@ -232,7 +234,7 @@ def expected_outputs(requests=REQUESTS):
 
 
 def dcpp_scheduler(model_dir, monkeypatch, tmp_path, **cfg):
-    from dcpp.integration.vllm import offline
+    from dcpp.tooling import offline
     from dcpp.integration.vllm.scheduler import DcppScheduler
 
     ex = offline.SyntheticExecutor()
@@ -273,9 +275,9 @@ def test_draft_tokens_are_never_prefill(model_dir, monkeypatch, tmp_path, plan):
     n_chunks = []
     real_end = rt.end_step
 
-    def end_step(scheduler, out):
+    def end_step(step):
         before = sum(len(v) for v in rt.chunk_log.values())
-        real_end(scheduler, out)
+        real_end(step)
         n_chunks.append(sum(len(v) for v in rt.chunk_log.values()) - before)
 
     rt.end_step = end_step
@@ -302,7 +304,7 @@ def test_draft_tokens_are_never_prefill(model_dir, monkeypatch, tmp_path, plan):
         if all(d for _, d in step.values()):
             assert added == 0, step
     # No prefill timer or plan left behind; whole prefills are the prompts' chunks only.
-    assert not rt.prefills.timed() and not rt.plans
+    assert not rt.prefills.timed() and not any(s.plan for s in rt.requests)
     for chunks, history in whole:
         assert history == 0 and sum(chunks) in lengths.values(), (chunks, history)
     # Calibration saw the timed steps with a prefill and no step of decodes only.
@@ -334,7 +336,7 @@ def test_metrics_count_prefill_chunks_only(model_dir, monkeypatch, tmp_path):
     chunks = [c for rid, _ in REQUESTS for c in rt.chunk_log[rid]]
     assert values["dcpp_prefill_chunk_tokens_count"] == len(chunks)
     assert values["dcpp_prefill_chunk_tokens_sum"] == sum(n for _, n in REQUESTS)
-    assert values["dcpp_step_overhead_seconds"] == pytest.approx(rt.overhead_s())
+    assert values["dcpp_step_overhead_seconds"] == pytest.approx(rt.cal.overhead_s())
 
 
 def test_fixed_chunk_size_keeps_every_draft(model_dir, monkeypatch, tmp_path):

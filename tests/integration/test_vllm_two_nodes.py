@@ -31,7 +31,7 @@ DCPP = {"enabled": True, "min_chunk": lib.MIN_CHUNK, "num_profile_samples": 16}
 def two_nodes(tiny_checkpoint, tmp_path_factory):
     import json
 
-    from dcpp.integration.vllm import harness
+    from dcpp.tooling import harness
 
     log_dir = tmp_path_factory.mktemp("two_nodes")
     master_port = harness.free_port()
@@ -128,9 +128,9 @@ def test_each_stage_runs_on_its_own_node(two_nodes):
 def test_startup_profiling_timed_both_stages(two_nodes):
     rt = two_nodes["engine"].scheduler.dcpp
     assert rt is not None and rt.model is not None, "profiling fell back to static chunking"
-    assert rt.profile_source == "profiled" and rt.num_profile_passes > 0
+    assert rt.profile.source == "profiled" and rt.profile.passes > 0
     passes = two_nodes["profile_results"]
-    assert len(passes) == rt.num_profile_passes
+    assert len(passes) == rt.profile.passes
     for results in passes:  # one answer per worker: the remote stage timed every pass
         assert sorted(int(r["pp_rank"]) for r in results) == [0, 1], results
         assert all(float(r["seconds"]) > 0 for r in results), results
@@ -150,7 +150,7 @@ def test_greedy_equal_to_static_and_stage_times_from_both_nodes(two_nodes):
     rt.timing._match = match
     try:
         p = lib_prompt(PROMPT_LEN)
-        observed = rt.num_observations
+        observed = rt.cal.num_observations
         static = generate(eng, p, plan="off")
         dynamic = generate(eng, p)
     finally:
@@ -160,15 +160,15 @@ def test_greedy_equal_to_static_and_stage_times_from_both_nodes(two_nodes):
     static_chunks = chunks(rt, static.request_id)
     assert static_chunks == [lib.BUDGET] * (PROMPT_LEN // lib.BUDGET) + [PROMPT_LEN % lib.BUDGET]
     dyn = chunks(rt, dynamic.request_id)
-    start, planned = [v for k, v in rt.plan_log.items()
-                      if k.rsplit("-", 1)[0] == dynamic.request_id][0]
+    [(start, planned)] = [v for k, v in rt.plan_log.items()
+                          if k.rsplit("-", 1)[0] == dynamic.request_id][0]
     assert start == 0 and dyn == planned and sum(dyn) == PROMPT_LEN
     # Step times came back from both stages (PP rank 1 from the other node) and reached
     # calibration.
     assert drained, "no drain RPC was read"
     ranks_with_times = {int(r["pp_rank"]) for res in drained for r in res if r.get("times")}
     assert ranks_with_times == {0, 1}, drained[-1:]
-    assert rt.num_observations > observed
+    assert rt.cal.num_observations > observed
 
 
 def lib_prompt(n, seed=1):
@@ -180,7 +180,7 @@ def lib_prompt(n, seed=1):
 def test_no_process_left_after_shutdown(two_nodes):
     """Node 0's engine shuts down (its worker exits), then node 1 on SIGINT, as vLLM's serve
     does; nothing of either node is left running."""
-    from dcpp.integration.vllm import harness
+    from dcpp.tooling import harness
 
     eng, node1 = two_nodes["engine"], two_nodes["node1"]
     node0_procs = [p for p in lib.descendants() if p.pid not in two_nodes["node1_pids"]]

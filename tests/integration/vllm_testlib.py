@@ -18,8 +18,8 @@ os.environ.setdefault("DCPP_PROFILE_REPEATS", "3")
 
 import psutil  # noqa: E402  (a vLLM dependency)
 
-from dcpp.integration.vllm.harness import is_alive as _alive, reap  # noqa: E402,F401
-from dcpp.integration.vllm.harness import private_rpc_dir  # noqa: E402
+from dcpp.tooling.harness import is_alive as _alive, reap  # noqa: E402,F401
+from dcpp.tooling.harness import private_rpc_dir  # noqa: E402
 
 # vLLM's IPC socket files go to a directory of the test session, removed at its end.
 private_rpc_dir()
@@ -145,3 +145,8 @@ def stop_process_tree(proc, sig=signal.SIGINT, timeout: float = 60.0) -> list[in
     except ProcessLookupError:
         pass
     return reap(tree, timeout=timeout)
+
+
+def live_plans(rt) -> dict:
+    """Request id -> plan of every request dcpp still holds a plan for."""
+    return {s.request_id: s.plan for s in rt.requests if s.plan is not None}

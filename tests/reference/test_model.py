@@ -85,5 +85,8 @@ def test_load_rejects_non_llama(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
     with pytest.raises(ValueError, match="expected a Llama checkpoint"):
         load_checkpoint(tmp_path)
-    with pytest.raises(ValueError, match="no config.json"):
+    with pytest.raises(ValueError, match="does not exist"):
         load_checkpoint(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no config.json"):
+        load_checkpoint(tmp_path / "empty")

@@ -11,14 +11,15 @@ Metric names follow Prometheus conventions (base units: seconds, tokens, ratios)
 from __future__ import annotations
 
 import logging
-import os
+
+from dcpp import envs
 
 logger = logging.getLogger("vllm.dcpp")
 
 CHUNK_BUCKETS = tuple(float(2 ** k) for k in range(4, 19))  # 16 .. 262144 tokens
 ERROR_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)  # |predicted / measured - 1|
 BUBBLE_BUCKETS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-"""Measured share of stage-time idle during a prefill (`dcpp.chunker.bubbles`)."""
+"""Measured share of stage-time idle during a prefill (`dcpp.online.bubbles`)."""
 
 
 class DcppMetrics:
@@ -61,7 +62,7 @@ class DcppMetrics:
         self.active = Gauge("dcpp_dynamic_chunking_active",
                             "1 when chunks are sized by dcpp, 0 after a fallback to static.",
                             registry=r)
-        self.host = host or os.environ.get("DCPP_METRICS_HOST", "127.0.0.1")
+        self.host = host or envs.metrics_host()  # DCPP_METRICS_HOST, default 127.0.0.1
         self.port = int(port)
         self._server, self._thread = start_http_server(self.port, addr=self.host, registry=r)
         logger.info("dcpp: Prometheus metrics on http://%s:%d/metrics", self.host, self.port)

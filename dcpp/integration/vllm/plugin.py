@@ -5,7 +5,8 @@ wraps the platform's `check_and_update_config` hook; the wrapper does nothing un
 `additional_config` carries a `profiling_chunk_config` block (top level or under
 `scheduler_config`). With the block present and enabled it validates the config against the
 engine (failing at start-up with a message that names the fix) and switches `scheduler_cls` to
-dcpp's scheduler and `worker_extension_cls` to dcpp's worker extension.
+dcpp's scheduler and `worker_extension_cls` to dcpp's worker extension. dcpp's environment
+variables are checked there too (`dcpp.envs.check_all`).
 
 Which scheduler wins:
 - `--scheduler-cls` naming dcpp's scheduler: used (sync or async variant as vLLM requires).
@@ -104,6 +105,7 @@ def configure_engine(vllm_config: Any, scheduler_cls_before: Any = None) -> None
     if not config_block_present(additional):
         return  # no dcpp block: vLLM exactly as without dcpp
 
+    from dcpp import envs
     from dcpp.config import ProfilingChunkConfig
 
     from dcpp.integration.vllm import ASYNC_SCHEDULER_CLS, SCHEDULER_CLS, WORKER_EXTENSION_CLS
@@ -125,6 +127,10 @@ def configure_engine(vllm_config: Any, scheduler_cls_before: Any = None) -> None
             logger.info("dcpp: scheduler named but profiling_chunk_config.enabled is false; "
                         "vLLM's own chunking is used")
         return
+    # Every DCPP_* variable, here in the process that builds the config (before EngineCore is
+    # spawned and weights load): a bad value is one ValueError naming it, not an EngineCore
+    # traceback later.
+    envs.check_all()
 
     parallel = vllm_config.parallel_config
     cfg.check_engine(

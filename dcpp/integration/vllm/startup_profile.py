@@ -2,69 +2,32 @@
 from timed prefill passes on every pipeline stage (`collective_rpc` into the workers), or is
 None (static chunking) when neither works.
 
-`load_or_profile` is what `DcppRuntime` calls once at start-up; it returns a `StartupProfile`.
-With ``live_calibration``, or where a worker's model runner cannot time a prefill after a
-history (the profiling RPC's result says ``unsupported``), it returns no model and the runtime
-calibrates from live traffic (`live_fit`); `save_live_profile` then caches that fit here, so
-the next start loads it and is dynamic at once.
+`load_or_profile` is what the vLLM adapter (`scheduler.build_runtime`) calls once at start-up;
+the `StartupProfile` it returns is handed to the engine-agnostic `DcppRuntime`. With
+``live_calibration``, or where a worker's model runner cannot time a prefill after a history
+(the profiling RPC's result says ``unsupported``), it returns no model and the runtime
+calibrates from live traffic (`dcpp.online.calibration.live_fit`); the runtime then caches that
+fit at the profile's path, so the next start loads it and is dynamic at once.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
 from typing import Any
 
+from dcpp import envs
 from dcpp.envs import profile_repeats, profile_timeout_s
 from dcpp.integration.vllm import vllm_compat
+from dcpp.online.engine import EngineLimits, StartupProfile
 
 logger = logging.getLogger("vllm.dcpp")  # under "vllm": uses its log handler and level
 
 
 def default_cache_dir() -> str:
-    return os.environ.get("DCPP_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "dcpp", "profiles"
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineLimits:
-    """The engine numbers chunk sizing and profiling depend on (all in tokens, but num_stages)."""
-
-    max_num_batched_tokens: int
-    max_model_len: int
-    page_size: int
-    """KV-cache block size."""
-    num_stages: int
-    """Pipeline-parallel size."""
-
-    @classmethod
-    def from_vllm_config(cls, vllm_config: Any) -> EngineLimits:
-        return cls(
-            max_num_batched_tokens=int(vllm_config.scheduler_config.max_num_batched_tokens),
-            max_model_len=int(vllm_config.model_config.max_model_len),
-            page_size=int(vllm_config.cache_config.block_size or 16),
-            num_stages=int(vllm_config.parallel_config.pipeline_parallel_size),
-        )
-
-
-@dataclasses.dataclass
-class StartupProfile:
-    model: Any | None
-    """Latency model of the slowest stage; None means static chunking."""
-    source: str
-    """"cache", "profiled" or "none"."""
-    path: str | None
-    """Profile cache file (whether or not it exists)."""
-    passes: int
-    """Profiling forward passes run now (0 when loaded from the cache)."""
-    samples: list = dataclasses.field(default_factory=list)
-    """The profile's points as [([(chunk, history)], seconds), ...] (online refits reuse them)."""
-    unsupported: str | None = None
-    """Why start-up profiling cannot run on this engine's model runner (None: it can, or it
-    was not tried)."""
+    """``$DCPP_CACHE_DIR``, else ``~/.cache/dcpp/profiles`` (`dcpp.envs.cache_dir`)."""
+    return str(envs.cache_dir())
 
 
 class ProfilingUnsupported(RuntimeError):
@@ -74,7 +37,7 @@ class ProfilingUnsupported(RuntimeError):
 def cache_key(vllm_config: Any, cfg: Any) -> dict:
     from dcpp.chunker.profiler import cache_key as make_key
 
-    limits = EngineLimits.from_vllm_config(vllm_config)
+    limits = vllm_compat.engine_limits(vllm_config)
     mc = vllm_config.model_config
     pc = vllm_config.parallel_config
     return make_key(
@@ -96,23 +59,27 @@ def load_or_profile(vllm_config: Any, cfg: Any, executor: Any | None) -> Startup
     there is no executor or profiling fails."""
     from dcpp.chunker.profiler import Profile, cache_path
 
-    limits = EngineLimits.from_vllm_config(vllm_config)
+    limits = vllm_compat.engine_limits(vllm_config)
     key = cache_key(vllm_config, cfg)
     cache_dir = cfg.profile_cache_dir or default_cache_dir()
     path = cache_path(key, cache_dir)
-    result = StartupProfile(model=None, source="none", path=str(path), passes=0)
+    result = StartupProfile(model=None, source="none", path=str(path), passes=0, cache_key=key)
     if os.path.exists(path):
         try:
             prof = Profile.load(path)
+        except (OSError, ValueError) as exc:
+            # What a stale or corrupt file raises (an unreadable file; not JSON, json's
+            # JSONDecodeError and UnicodeDecodeError being ValueErrors; not a dcpp profile, which
+            # `Profile.from_json` reports as ValueError): profile again. Anything else is a bug.
+            logger.warning("dcpp: ignoring unreadable profile %s (%s: %s); profiling again",
+                           path, type(exc).__name__, exc)
+        else:
             result.model = prof.model
             result.samples = _samples(prof)
             result.source = "cache"
             logger.info("dcpp: profile loaded from %s (0 profiling passes)", path)
             _log_fit(prof, limits, cfg.plan_mode)
             return result
-        except Exception as exc:  # a stale or corrupt file: profile again
-            logger.warning("dcpp: ignoring unreadable profile %s (%s); profiling again",
-                           path, exc)
     if cfg.live_calibration:
         logger.info("dcpp: live_calibration: no start-up profiling; serving vLLM's static "
                     "chunks of max_num_batched_tokens=%d until step timings cover enough "
@@ -152,7 +119,9 @@ def load_or_profile(vllm_config: Any, cfg: Any, executor: Any | None) -> Startup
             "falling back to static chunking (need_timing=true would calibrate from live "
             "traffic)")
         return result
-    except Exception as exc:
+    except (FitError, TimeoutError, RuntimeError) as exc:
+        # The fit rejected twice, the time budget spent (ours or the RPC's timeout), or the RPC
+        # failed (vLLM's executors raise RuntimeError for a worker's error or a dead executor).
         result.passes = passes[0]
         logger.warning(
             "dcpp: start-up profiling failed (%s: %s); falling back to static chunking "
@@ -184,11 +153,9 @@ def _profile(vllm_config: Any, cfg: Any, limits: EngineLimits, executor: Any, ke
     forward passes run in `passes[0]`, also when it raises."""
     from dcpp.chunker.profiler import profile
 
-    from dcpp.integration.vllm import WORKER_EXTENSION_CLS
-    from dcpp.integration.vllm.worker_extension import stage_timed_prefill
+    from dcpp.integration.vllm.worker_rpc import worker_method
 
-    use_ext = vllm_config.parallel_config.worker_extension_cls == WORKER_EXTENSION_CLS
-    method = "dcpp_timed_prefill" if use_ext else stage_timed_prefill
+    method = worker_method(vllm_config, "stage_timed_prefill")
 
     def timed_forward(num_tokens: int, history: int) -> float:
         left = deadline - time.monotonic()
@@ -227,41 +194,11 @@ def _profile(vllm_config: Any, cfg: Any, limits: EngineLimits, executor: Any, ke
     return prof
 
 
-def save_live_profile(vllm_config: Any, cfg: Any, path: str | None, model: Any,
-                      points: list[tuple[int, int, float]], steps: int) -> bool:
-    """Cache a live-calibration fit as this engine's profile at `path` (the profile cache file),
-    so a restart loads it (0 profiling passes) and plans at once; `points` are the
-    single-request steps (chunk, history, seconds), `steps` the steps fitted on. Returns
-    whether it was written (a warning if not)."""
-    from dcpp.chunker.profiler import Profile
-
-    if not path:
-        return False
-    model = dataclasses.replace(model, fit_info={**model.fit_info, "source": "live calibration",
-                                                 "steps": int(steps)})
-    prof = Profile(model=model, samples=tuple((int(c), int(h), float(s)) for c, h, s in points),
-                   cache_key=cache_key(vllm_config, cfg), num_passes=int(steps), num_warmup=0,
-                   scope="stage")
-    try:
-        prof.save(path)
-    except OSError as exc:
-        logger.warning("dcpp: could not save the live-calibration profile to %s (%s); the next "
-                       "start calibrates from live traffic again", path, exc)
-        return False
-    return True
-
-
 def _log_fit(prof: Any, limits: EngineLimits, plan_mode: str) -> None:
     model = prof.model
-    try:
-        fit = model.to_dict()
-    except Exception:
-        fit = repr(model)
+    fit = model.to_dict()
     base = min(limits.max_num_batched_tokens, limits.max_model_len)
-    try:
-        target = model.predict_time(base, 0)  # seconds
-    except Exception:
-        target = float("nan")
+    target = float(model.predict_time(base, 0))  # seconds
     logger.info(
         "dcpp: latency fit %s from %s samples; target chunk latency %.2f ms "
         "(chunk of %d tokens at history 0); plan_mode=%s",

@@ -127,6 +127,23 @@ def platform_device_name() -> str:
         return str(getattr(current_platform, "device_name", "unknown"))
 
 
+def data_parallel_rank(vllm_config: Any) -> int:
+    """This engine's data-parallel rank (0 without DP)."""
+    return int(getattr(vllm_config.parallel_config, "data_parallel_rank", 0) or 0)
+
+
+def engine_limits(vllm_config: Any) -> "EngineLimits":
+    """The engine numbers chunk sizing and profiling depend on, from vLLM's config."""
+    from dcpp.online.engine import EngineLimits
+
+    return EngineLimits(
+        max_num_batched_tokens=int(vllm_config.scheduler_config.max_num_batched_tokens),
+        max_model_len=int(vllm_config.model_config.max_model_len),
+        page_size=int(vllm_config.cache_config.block_size or 16),
+        num_stages=int(vllm_config.parallel_config.pipeline_parallel_size),
+    )
+
+
 # --------------------------------------------------------------------------- executor handle
 
 
@@ -161,6 +178,13 @@ def decode_tokens(scheduler: Any) -> int:
         if r.num_tokens - r.num_computed_tokens <= 1:
             n += max(0, r.num_tokens_with_spec - r.num_computed_tokens)
     return n
+
+
+def step_room(scheduler: Any) -> tuple[int, Callable[[], list[tuple[str, int, int]]]]:
+    """What a step starts with, for `DcppRuntime.begin_step`: the tokens its prefills may
+    take (vLLM's step budget less the running decodes) and a reader of the pending prefills."""
+    return (step_token_budget(scheduler) - decode_tokens(scheduler),
+            lambda: pending_prefills(scheduler))
 
 
 def step_token_budget(scheduler: Any) -> int:
@@ -218,42 +242,48 @@ def mamba_block_align(scheduler: Any) -> int:
     return int(scheduler.cache_config.block_size)
 
 
-def scheduled_requests(scheduler: Any,
-                       scheduler_output: Any) -> list[tuple[str, int, int, bool, int]]:
-    """(request id, tokens scheduled, history before them, prefill?, request's tokens) per
-    request of a step just scheduled (requests already gone are left out). Prefill means the
-    step computes known tokens before the last one; a decode, speculative draft tokens
-    included, is not prefill."""
-    out = []
+def scheduled_step(scheduler: Any, scheduler_output: Any) -> "ScheduledStep":
+    """The step vLLM just scheduled, as the online core takes it: its fingerprint and, per
+    request (requests already gone are left out), the tokens scheduled, the history before
+    them (vLLM advances `num_computed_tokens` at schedule time), the request's tokens and its
+    own dcpp options."""
+    from dcpp.online.engine import Scheduled, ScheduledStep
+
+    reqs = []
     for rid, n in scheduler_output.num_scheduled_tokens.items():
         req = scheduler.requests.get(rid)
         if req is None:
             continue
-        n, total = int(n), int(req.num_tokens)
-        history = int(req.num_computed_tokens) - n  # vLLM advances it at schedule time
-        out.append((rid, n, history, history < total - 1, total))
-    return out
+        plan_arg, chunk_arg = request_options(req)
+        reqs.append(Scheduled(rid, int(n), int(req.num_computed_tokens) - int(n),
+                              int(req.num_tokens), plan_arg, chunk_arg))
+    return ScheduledStep(step_fingerprint(scheduler_output), tuple(reqs))
+
+
+def offer(scheduler: Any, request: Any, history: int, offered: int) -> "Offer":
+    """vLLM offers `request` `offered` new tokens after `history`: the sizer's question."""
+    from dcpp.online.engine import Offer
+
+    plan_arg, chunk_arg = request_options(request)
+    return Offer(request_id=request.request_id, total=int(request.num_tokens),
+                     history=int(history), offered=int(offered),
+                     encoder_spans=unsplittable_encoder_spans(scheduler, request),
+                     block_align=mamba_block_align(scheduler), plan_arg=plan_arg,
+                     chunk_arg=chunk_arg)
 
 
 # --------------------------------------------------------------------------- request fields
 
 
-def request_chunk_size_override(request: Any) -> Any:
-    """Per-request fixed chunk size from `SamplingParams(extra_args={"dcpp_chunk_size": N})`
-    (unchecked: the runtime validates it)."""
+def request_options(request: Any) -> tuple[Any, Any]:
+    """The request's own dcpp options from `SamplingParams(extra_args={"dcpp_plan": ...,
+    "dcpp_chunk_size": N})`: (plan, chunk size), each None when not given (unchecked: the
+    runtime's `RequestOptions` validates them)."""
     params = getattr(request, "sampling_params", None)
     extra = getattr(params, "extra_args", None) if params is not None else None
-    return extra.get("dcpp_chunk_size") if isinstance(extra, dict) else None
-
-
-def request_plan_override(request: Any) -> str | None:
-    """Per-request plan override from `SamplingParams(extra_args={"dcpp_plan": ...})`."""
-    params = getattr(request, "sampling_params", None)
-    extra = getattr(params, "extra_args", None) if params is not None else None
-    if isinstance(extra, dict):
-        value = extra.get("dcpp_plan")
-        return None if value is None else str(value)
-    return None
+    if not isinstance(extra, dict):
+        return None, None
+    return extra.get("dcpp_plan"), extra.get("dcpp_chunk_size")
 
 
 # --------------------------------------------------------------------------- per-step timing
@@ -269,15 +299,3 @@ def step_fingerprint(scheduler_output: Any) -> int:
         int(n) for n in (getattr(cached, "num_computed_tokens", None) or ()))
     # A CRC, not hash(): string hashes are salted per process.
     return zlib.crc32(repr((items, where)).encode())
-
-
-def step_is_timed(fingerprint: int, every: int) -> bool:
-    """Whether workers timing 1 in `every` steps time this one (the same choice on every rank
-    and in the scheduler, without any message per step)."""
-    return every <= 1 or fingerprint % every == 0
-
-
-def future_done(future: Any) -> bool:
-    """Whether a non-blocking `collective_rpc` future has its result (vLLM 0.32's
-    `FutureWrapper` resolves in submission order as the engine waits on its own step futures)."""
-    return bool(future.done())

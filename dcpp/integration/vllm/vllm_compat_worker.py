@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import collections
 import inspect
+import logging
 import time
 from typing import Any
 
-from dcpp.integration.vllm.vllm_compat import step_fingerprint, step_is_timed
+from dcpp.integration.vllm.vllm_compat import step_fingerprint
+from dcpp.online.stage_timing import step_is_timed
 
 def _sync(model_runner: Any) -> None:
     sync = getattr(model_runner, "_sync_device", None)
@@ -73,13 +75,33 @@ def timed_prefill_unsupported(worker: Any) -> str | None:
     return None
 
 
+logger = logging.getLogger("vllm.dcpp")  # under "vllm": uses its log handler and level
+
+_warned: set[str] = set()
+"""Warnings already logged in this worker process (each once)."""
+
+
+def _warn_once(key: str, msg: str, *args: Any) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(msg, *args)
+
+
 def _dummy_run_shape(runner: Any) -> tuple[int, int] | None:
     """(tokens, sequence length) of the first request of the latest dummy run, from the V1
-    runner's buffers (`query_start_loc`, `optimistic_seq_lens_cpu`); None if not readable."""
+    runner's buffers (`query_start_loc`, `optimistic_seq_lens_cpu`); None, with a warning
+    (once), where a vLLM release lays them out otherwise."""
     try:
-        return (int(runner.query_start_loc.np[1]) - int(runner.query_start_loc.np[0]),
-                int(runner.optimistic_seq_lens_cpu[0]))
-    except Exception:
+        start = runner.query_start_loc.np
+        return int(start[1]) - int(start[0]), int(runner.optimistic_seq_lens_cpu[0])
+    except (AttributeError, IndexError, TypeError, ValueError) as exc:  # buffers not as in 0.32
+        _warn_once(
+            "dummy_run_shape",
+            "dcpp: cannot read the latest dummy run's shape from %s's buffers "
+            "(query_start_loc.np, optimistic_seq_lens_cpu: %s: %s); start-up profiling goes on "
+            "WITHOUT checking that each timed pass ran one request of the asked size after its "
+            "history (checked against vLLM 0.32 and 0.33)",
+            f"{type(runner).__module__}.{type(runner).__qualname__}", type(exc).__name__, exc)
         return None
 
 
@@ -124,8 +146,17 @@ def worker_stage(worker: Any) -> dict:
     try:
         from vllm.distributed import get_pp_group, get_tp_group
 
-        return {"pp_rank": get_pp_group().rank_in_group, "tp_rank": get_tp_group().rank_in_group}
-    except Exception:
+        return {"pp_rank": int(get_pp_group().rank_in_group),
+                "tp_rank": int(get_tp_group().rank_in_group)}
+    except (ImportError, AttributeError, AssertionError) as exc:
+        # ImportError, AttributeError: vLLM moved them; AssertionError: vLLM's "group is not
+        # initialized" (a worker outside vLLM's distributed set-up).
+        _warn_once(
+            "worker_stage",
+            "dcpp: cannot read this worker's pipeline/tensor-parallel rank from "
+            "vllm.distributed (%s: %s); it reports pp_rank -1 and tp_rank -1, so dcpp cannot "
+            "tell its pipeline stages apart: profiling takes the slowest worker, and measured "
+            "bubbles are wrong (checked against vLLM 0.32 and 0.33)", type(exc).__name__, exc)
         return {"pp_rank": -1, "tp_rank": -1}
 
 

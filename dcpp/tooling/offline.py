@@ -10,6 +10,8 @@ profiles and calibrates as in an engine. `fake_output` is the model runner's ans
 
 from __future__ import annotations
 
+from dcpp.online.stage_timing import step_is_timed
+
 import itertools
 from typing import Any, Callable
 
@@ -71,11 +73,11 @@ class SyntheticExecutor:
             return
         self.steps_run += 1
         fp = vllm_compat.step_fingerprint(scheduler_output)
-        if self.timing_every is None or not vllm_compat.step_is_timed(fp, self.timing_every):
+        if self.timing_every is None or not step_is_timed(fp, self.timing_every):
             return
         self.steps_timed += 1
-        batch = [(n, h) for _, n, h, _, _ in vllm_compat.scheduled_requests(scheduler,
-                                                                              scheduler_output)]
+        batch = [(r.tokens, r.history)
+                 for r in vllm_compat.scheduled_step(scheduler, scheduler_output).requests]
         # Per-request work plus the step's fixed cost once (the form dcpp's model fits).
         fixed = self.fn(0, 0)
         secs = fixed + sum(self.fn(n, h) - fixed for n, h in batch)

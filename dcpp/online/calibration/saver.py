@@ -14,7 +14,7 @@ import os
 import time
 from typing import Any
 
-from dcpp.integration.vllm import calibration_store
+from dcpp.online.calibration import store as calibration_store
 
 logger = logging.getLogger("vllm.dcpp")  # under "vllm": uses its log handler and level
 
@@ -29,19 +29,20 @@ class CalibrationSaver:
         self._unsaved = False
         self._warned = False
 
-    def load(self, prof: Any, cal: Any) -> calibration_store.CalibrationState | None:
-        """Bind to `prof`'s calibration file; what the last engine on `prof` learnt, if any.
-
-        A freshly measured profile removes the file (it was learnt on an earlier profile)."""
-        self.path = (calibration_store.path_for(prof.path)
-                     if prof.path and prof.source != "none" else None)
+    def bind(self, profile_path: str | None, cal: Any,
+             fresh: bool) -> calibration_store.CalibrationState | None:
+        """Save beside the profile file `profile_path` from now on (None: save nothing); what
+        the last engine on that profile learnt, if any. A `fresh` profile (just measured)
+        removes the file instead: it was learnt on an earlier profile."""
+        self.path = calibration_store.path_for(profile_path) if profile_path else None
         self._digest = calibration_store.profile_digest(cal.profile_samples)
         if self.path is None:
             return None
-        if prof.source == "profiled" and os.path.exists(self.path):
-            logger.info("dcpp: removing %s (learnt on an earlier profile)", self.path)
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
+        if fresh:
+            if os.path.exists(self.path):
+                logger.info("dcpp: removing %s (learnt on an earlier profile)", self.path)
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
             return None
         try:
             state = calibration_store.load(self.path, cache_key=self.cache_key,
@@ -84,3 +85,28 @@ class CalibrationSaver:
                 self._warned = True
                 logger.warning("dcpp: could not save calibration to %s (%s); a restart will "
                                "calibrate afresh", self.path, exc)
+
+
+def save_profile(path: str | None, cache_key: dict, model: Any,
+                 points: list[tuple[int, int, float]], steps: int) -> bool:
+    """Cache a live-calibration fit as the engine's profile at `path` (its profile cache
+    file), so a restart loads it (0 profiling passes) and plans at once; `points` are the
+    single-request steps (chunk, history, seconds), `steps` the steps fitted on. Returns
+    whether it was written (a warning if not)."""
+    import dataclasses
+
+    from dcpp.chunker.profiler import Profile
+
+    if not path:
+        return False
+    model = dataclasses.replace(model, fit_info={**model.fit_info, "source": "live calibration",
+                                                 "steps": int(steps)})
+    prof = Profile(model=model, samples=tuple((int(c), int(h), float(s)) for c, h, s in points),
+                   cache_key=cache_key, num_passes=int(steps), num_warmup=0, scope="stage")
+    try:
+        prof.save(path)
+    except OSError as exc:
+        logger.warning("dcpp: could not save the live-calibration profile to %s (%s); the next "
+                       "start calibrates from live traffic again", path, exc)
+        return False
+    return True

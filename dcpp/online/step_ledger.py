@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 
-from dcpp.integration.vllm.stage_timing import SentStep
+from dcpp.online.stage_timing import SentStep
 
 MAX_PENDING = 64
 """Bound on steps in flight (vLLM keeps at most pipeline-depth batches in flight)."""

@@ -1,9 +1,11 @@
-"""`ChunkSizer`: per-request chunk plans and the step's time budget (plain Python, no vLLM).
+"""`ChunkSizer`: per-request chunk plans and the step's time budget (plain Python, no engine).
 
-The scheduler hook asks once per request and step: "vLLM offers this request `offered` new
-tokens; how many should it take?" The answer is never 0 and never more than `offered`, so dcpp
-changes the size of chunks, never which requests run (vLLM's order, priorities and admission
-caps stay vLLM's). A request's plan is computed once, when its prefill starts (or after a
+The scheduler hook asks once per request and step: "the engine offers this request `offered`
+new tokens; how many should it take?" (`size`). The answer is never 0 and never more than
+`offered`, so dcpp changes the size of chunks, never which requests run (vLLM's order,
+priorities and admission caps stay vLLM's). The step's budget counts a chunk only once the
+engine commits to it (`commit`, with the number it really scheduled; `uncommit` if it takes
+the request out of the step again, e.g. a preemption). A request's plan is computed once, when its prefill starts (or after a
 prefix hit / preemption moved it), and continued after a trim without a new plan.
 
 Several prefills in one step share a time budget: the step may take as long as the longest
@@ -28,22 +30,14 @@ had been made first: the same chunks, one step later.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 from typing import Callable, Iterable, Protocol
 
 from dcpp.config import PLAN_MODES  # noqa: F401 - the modes a request may pick, re-exported
+from dcpp.online.requests import RequestPlan, RequestTable, trim_log  # noqa: F401
 
 #: With PLAN_MODES, what a request may pick: "off" leaves it to vLLM's own chunking.
 PLAN_OFF = "off"
-
-MAX_LOGGED_REQUESTS = 4096
-
-
-def trim_log(log: collections.OrderedDict) -> None:
-    """Drop `log`'s oldest entries beyond `MAX_LOGGED_REQUESTS`."""
-    while len(log) > MAX_LOGGED_REQUESTS:
-        log.popitem(last=False)
 
 
 class LatencyModel(Protocol):
@@ -54,22 +48,18 @@ class LatencyModel(Protocol):
     def solve_chunk(self, target: float, history: float) -> float: ...
 
 
+class ModelSource(Protocol):
+    """The one owner of the planning model (`dcpp.chunker.planning_model.PlanningModel`)."""
+
+    @property
+    def model(self) -> LatencyModel | None: ...
+
+
 #: planner(mode, tokens to prefill, history) -> chunk sizes covering exactly those tokens.
 Planner = Callable[[str, int, int], list]
 
 #: opens_full(mode, tokens to prefill, history) -> whether that plan starts with the budget.
 OpensFull = Callable[[str, int, int], bool]
-
-
-@dataclasses.dataclass
-class RequestPlan:
-    mode: str
-    chunks: list[int]
-    """Planned chunk sizes still to run (chunks[0] starts at `pos`)."""
-    pos: int
-    """Token position where chunks[0] starts."""
-    log: list[int]
-    """This request's `ChunkSizer.plan_log` entry: chunks run, then `chunks`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,27 +93,47 @@ Pending = Callable[[], Iterable[tuple[str, int, int]]]
 LOAD_AWARE_MODE = "pipeline"
 
 
-class _Step:
-    __slots__ = ("prefill_room", "target_s", "batch_s", "pending", "_work")
+@dataclasses.dataclass(frozen=True)
+class _Grant:
+    tokens: int
+    history: int
+    target_s: float | None
+    """The predicted time of the request's planned chunk (sets the step's time), or None."""
 
-    def __init__(self, prefill_room: int, pending: Pending | None) -> None:
-        self.prefill_room = prefill_room
-        self.target_s: float | None = None
-        self.batch_s = 0.0
-        """Predicted seconds of the prefills granted so far (the fixed cost counted once)."""
+
+class _Step:
+    """One step's prefill room and time: only what the engine committed to counts."""
+
+    __slots__ = ("room", "pending", "granted", "proposed", "_work")
+
+    def __init__(self, room: int, pending: Pending | None) -> None:
+        self.room = room
+        """Tokens the step's prefills may take (budget minus decodes), before any grant."""
         self.pending = pending
+        self.granted: dict[str, _Grant] = {}
+        """Request -> what the engine committed to this step."""
+        self.proposed: dict[str, float | None] = {}
+        """Request -> its planned chunk's time, from `size` until `commit`."""
         self._work: tuple[float, dict[str, float]] | None = None
 
-    def grant(self, model: "LatencyModel | None", tokens: int, history: int) -> int:
-        """Give a prefill `tokens` this step: they leave the step's room and their predicted
-        time joins the step's (the fixed cost counted once; no model: room only)."""
-        if model is not None:
-            self.batch_s += float(model.predict_time(tokens, history)) - (
-                model.c if self.batch_s else 0.0)
-        self.prefill_room -= tokens
-        return tokens
+    @property
+    def prefill_room(self) -> int:
+        return self.room - sum(g.tokens for g in self.granted.values())
 
-    def pending_work(self, model: "LatencyModel") -> tuple[float, dict[str, float]]:
+    @property
+    def target_s(self) -> float | None:
+        """The step's time: its longest planned chunk among the granted prefills."""
+        return max((g.target_s for g in self.granted.values() if g.target_s is not None),
+                   default=None)
+
+    def batch_s(self, model: LatencyModel) -> float:
+        """Predicted seconds of the granted prefills (the fixed cost counted once); 0: none."""
+        if not self.granted:
+            return 0.0
+        return (sum(float(model.predict_time(g.tokens, g.history))
+                    for g in self.granted.values()) - model.c * (len(self.granted) - 1))
+
+    def pending_work(self, model: LatencyModel) -> tuple[float, dict[str, float]]:
         """(total, per request) predicted seconds of the engine's pending prefill work, read
         once per step and only if a request asks."""
         if self._work is None:
@@ -138,13 +148,15 @@ class _Step:
 class ChunkSizer:
     """Plans per request and the step budget for one engine (one model, budget, floor)."""
 
-    def __init__(self, planner: Planner, *, floor: int, align: int,
-                 num_stages: int = 1, opens_full: OpensFull | None = None) -> None:
+    def __init__(self, planner: Planner, source: ModelSource, requests: RequestTable, *,
+                 floor: int, align: int, num_stages: int = 1,
+                 opens_full: OpensFull | None = None) -> None:
         self._planner = planner
         self._opens_full = opens_full
-        self._deferred: collections.OrderedDict[str, int] = collections.OrderedDict()
-        """Request -> history where its plan, put off by a step, starts (bounded: a request
-        may stand aside to its end and never be planned)."""
+        self.source = source
+        """The one owner of the planning model (`PlanningModel`)."""
+        self.requests = requests
+        """Where each request's plan lives (its `RequestState`)."""
         self.num_deferred = 0
         """Plans put off to a request's second step."""
         self.num_stages = int(num_stages)
@@ -154,14 +166,13 @@ class ChunkSizer:
         self.floor = int(floor)
         """Smallest chunk dcpp sizes a non-final chunk to (min_chunk aligned, <= budget)."""
         self.align = int(align)
-        self.model: LatencyModel | None = None
-        self.plans: dict[str, RequestPlan] = {}
-        self.plan_log: collections.OrderedDict[str, tuple[int, list[int]]] = (
-            collections.OrderedDict())
-        """Per request: (history at its first planned chunk, every chunk planned for it)."""
         self.num_plans = 0
         """Planner calls so far (one per request unless it was moved by a hit or preemption)."""
         self._step: _Step | None = None
+
+    @property
+    def model(self) -> LatencyModel | None:
+        return self.source.model
 
     # ------------------------------------------------------------------ step
     def begin_step(self, prefill_room: int, pending: Pending | None = None) -> None:
@@ -177,32 +188,53 @@ class ChunkSizer:
         return self._step is not None
 
     def size(self, ask: Ask) -> int:
-        """Tokens `ask.request_id` takes this step: in [1, offered], >= min(remaining, floor)."""
+        """Tokens `ask.request_id` should take this step: in [1, offered], and at least
+        min(remaining, floor, offered) where dcpp plans it. Counts nothing until `commit`."""
         offered = ask.offered
         remaining = ask.total - ask.history
         step, model = self._step, self.model
-        if step is not None and ask.fixed is not None and offered > 1 and remaining > 1:
-            want = self._respect_boundaries(ask, max(1, min(ask.fixed, offered)))
-            return step.grant(model, want, ask.history)
-        if (step is None or model is None or offered <= 1 or remaining <= 1
-                or ask.mode == PLAN_OFF):
+        if step is None or offered <= 1 or remaining <= 1:
+            return offered
+        step.proposed[ask.request_id] = None
+        if ask.fixed is not None:
+            return self._respect_boundaries(ask, max(1, min(ask.fixed, offered)))
+        if model is None or ask.mode == PLAN_OFF:
             return offered
         if ask.mode == LOAD_AWARE_MODE and self.pipeline_fed(ask, model):
             self.num_stood_aside += 1
-            return step.grant(model, offered, ask.history)
+            return offered
         plan = self._plan_for(ask)
         # A plan put off a step starts with the budget: vLLM's offer is its first chunk.
         first = plan.chunks[0] if plan is not None else offered
         want = min(first, offered, max(step.prefill_room, 1))
         own_s = float(model.predict_time(first, ask.history))
-        step.target_s = own_s if step.target_s is None else max(step.target_s, own_s)
-        if step.batch_s:
+        step.proposed[ask.request_id] = own_s
+        target = own_s if step.target_s is None else max(step.target_s, own_s)
+        batch_s = step.batch_s(model)
+        if batch_s:
             # Room left in the step's time: t(batch + [(x, h)]) = batch_s + t(x, h) - c.
-            fit = model.solve_chunk(step.target_s - step.batch_s + model.c, ask.history)
+            fit = model.solve_chunk(target - batch_s + model.c, ask.history)
             if fit < want:
                 want = int(fit) - int(fit) % self.align if fit >= self.align else int(fit)
         want = max(want, min(remaining, self.floor, offered), 1)
-        return step.grant(model, self._respect_boundaries(ask, min(want, offered)), ask.history)
+        return self._respect_boundaries(ask, min(want, offered))
+
+    def commit(self, request_id: str, history: int, tokens: int) -> None:
+        """The engine scheduled `tokens` (0: none) of `request_id` this step, after `size`:
+        they leave the step's room and join its time (a second commit replaces the first)."""
+        step = self._step
+        if step is None:
+            return
+        target = step.proposed.pop(request_id, None)
+        if tokens <= 0:
+            step.granted.pop(request_id, None)
+            return
+        step.granted[request_id] = _Grant(int(tokens), int(history), target)
+
+    def uncommit(self, request_id: str) -> None:
+        """The engine took `request_id` out of this step again (preempted it)."""
+        if self._step is not None:
+            self._step.granted.pop(request_id, None)
 
     def pipeline_fed(self, ask: Ask, model: LatencyModel) -> bool:
         """Whether other pending prefill work covers the drain after this request's last
@@ -233,18 +265,18 @@ class ChunkSizer:
     def _plan_for(self, ask: Ask) -> RequestPlan | None:
         """The request's plan at its history: continued, made now, made from where the step
         before started it (put off), or None: put off to the next step."""
-        rid = ask.request_id
-        plan = self.plans.get(rid)
+        state = self.requests.record(ask.request_id)
+        plan = state.plan
         if plan is not None and plan.mode == ask.mode and plan.pos == ask.history and plan.chunks:
             return plan
-        start = self._deferred.pop(rid, None)
+        start, state.deferred_from = state.deferred_from, None
         if start is not None and start < ask.history < ask.total:
-            self._make_plan(rid, ask.mode, start, ask.total)
-            self.advance(rid, start, ask.history - start)  # vLLM's chunk, run last step
-            return self.plans[rid]  # tokens remain: the plan is not used up
+            self._make_plan(ask.request_id, ask.mode, start, ask.total)
+            self.advance(ask.request_id, start, ask.history - start)  # vLLM's chunk, run last step
+            return state.plan  # tokens remain: the plan is not used up
         if plan is None and self._put_off(ask):
             return None
-        return self._make_plan(rid, ask.mode, ask.history, ask.total)
+        return self._make_plan(ask.request_id, ask.mode, ask.history, ask.total)
 
     def _put_off(self, ask: Ask) -> bool:
         """Whether a "pipeline" request without a plan takes vLLM's chunk this step and is
@@ -252,8 +284,7 @@ class ChunkSizer:
         if (ask.mode != LOAD_AWARE_MODE or self._opens_full is None
                 or not self._opens_full(ask.mode, ask.total - ask.history, ask.history)):
             return False
-        self._deferred[ask.request_id] = ask.history
-        trim_log(self._deferred)
+        self.requests.record(ask.request_id).deferred_from = ask.history
         self.num_deferred += 1
         return True
 
@@ -262,29 +293,21 @@ class ChunkSizer:
         self.num_plans += 1
         if sum(chunks) != total - history or any(c <= 0 for c in chunks):
             raise AssertionError(f"chunker plan {chunks} does not cover tokens {history}..{total}")
-        start, done = self.plan_log.get(rid, (history, []))
-        # Chunks already run (before a move) stay in the log; the rest is the new plan.
-        log = done[:_chunks_until(done, start, history)] + chunks
-        plan = RequestPlan(mode=mode, chunks=chunks, pos=history, log=log)
-        self.plans[rid] = plan
-        self.plan_log[rid] = (start, log)
-        self.plan_log.move_to_end(rid)
-        trim_log(self.plan_log)
-        return plan
+        state = self.requests.record(rid)
+        self.requests.planned(state, history, chunks)
+        state.plan = RequestPlan(mode=mode, chunks=list(chunks), pos=history)
+        return state.plan
 
     def advance(self, request_id: str, history: int, ran: int) -> None:
         """`ran` tokens of `request_id` were scheduled at `history`: continue its plan. A chunk
         trimmed below plan (by vLLM's budget, the step's time or a boundary) leaves its rest
         as the next chunk; a rest below the alignment joins the chunk after it."""
-        plan = self.plans.get(request_id)
+        state = self.requests.get(request_id)
+        plan = state.plan if state is not None else None
         if plan is None or plan.pos != history or not plan.chunks:
             return
         rest = plan.chunks[0] - ran
         plan.pos = history + ran
-        trimmed = rest != 0
-        if trimmed:  # the log shows what ran: this chunk, then the rest of the plan
-            idx = len(plan.log) - len(plan.chunks)
-            plan.log[idx:] = [ran]
         if rest > 0:
             plan.chunks[0] = rest
             if rest < self.align and len(plan.chunks) > 1:
@@ -298,28 +321,5 @@ class ChunkSizer:
                 rest += take
                 if plan.chunks[0] == 0:
                     plan.chunks.pop(0)
-        if trimmed:
-            plan.log.extend(plan.chunks)
         if not plan.chunks:
-            self.plans.pop(request_id, None)
-
-    def forget(self, request_ids: object) -> None:
-        """Drop the plans of `request_ids` (None: of every request)."""
-        if request_ids is None:
-            self.plans.clear()
-            self._deferred.clear()
-            return
-        for rid in request_ids:  # type: ignore[attr-defined]
-            self.plans.pop(rid, None)
-            self._deferred.pop(rid, None)
-
-
-def _chunks_until(chunks: list[int], start: int, pos: int) -> int:
-    """How many leading `chunks` (run from `start`) end at or before `pos`."""
-    n, h = 0, start
-    for c in chunks:
-        if h + c > pos:
-            break
-        h += c
-        n += 1
-    return n
+            state.plan = None

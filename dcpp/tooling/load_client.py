@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence
 
-from dcpp.integration.vllm.harness import RPC_DIR_ENV, private_rpc_dir
+from dcpp.tooling.harness import RPC_DIR_ENV, private_rpc_dir
 
 
 @dataclass
@@ -230,7 +230,7 @@ class Server:
                 self.proc.send_signal(signal.SIGINT)
             except ProcessLookupError:
                 pass
-        from dcpp.integration.vllm.harness import reap
+        from dcpp.tooling.harness import reap
 
         killed = reap(tree, timeout_s)
         try:

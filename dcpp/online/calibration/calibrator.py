@@ -22,7 +22,7 @@ import logging
 import statistics
 from typing import Any
 
-from dcpp.integration.vllm.step_overhead import StepOverhead
+from dcpp.online.calibration.step_overhead import StepOverhead
 
 logger = logging.getLogger("vllm.dcpp")  # under "vllm": uses its log handler and level
 

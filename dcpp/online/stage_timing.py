@@ -1,10 +1,11 @@
-"""Per-stage step timing for the vLLM scheduler: the workers record their compute time per step
-(see `worker_extension`); `StageTiming` collects those records with non-blocking RPCs and
-matches them to the steps the scheduler sent, handing each matched prefill step's
+"""Per-stage step timing: the workers record their compute time per step (in vLLM:
+`dcpp.integration.vllm.worker_extension`); `StageTiming` collects those records with
+non-blocking RPCs through the engine's `WorkerChannel` and matches them to the steps the
+scheduler sent, handing each matched prefill step's
 (batch, slowest-stage seconds, step interval) to the caller's calibration.
 
 The workers also report when each timed step started on their stage, so every step's per-stage
-interval goes to a `dcpp.chunker.bubbles.BubbleTracker`: each prefill whose window was fully
+interval goes to a `dcpp.online.bubbles.BubbleTracker`: each prefill whose window was fully
 timed gets its measured bubble fraction (that module's docstring has the definition and how
 untimed steps are handled), logged at debug level, observed in the
 ``dcpp_prefill_bubble_fraction`` histogram (label ``plan``) and kept for `bubble_summary`.
@@ -21,8 +22,8 @@ import logging
 from typing import Any, Callable
 
 from dcpp import envs
-from dcpp.chunker.bubbles import BubbleTracker, PrefillBubble, summarize
-from dcpp.integration.vllm import vllm_compat
+from dcpp.online.bubbles import BubbleTracker, PrefillBubble, summarize
+from dcpp.online.engine import RPC_ERRORS, WorkerChannel
 
 logger = logging.getLogger("vllm.dcpp")  # under "vllm": uses its log handler and level
 
@@ -30,15 +31,10 @@ logger = logging.getLogger("vllm.dcpp")  # under "vllm": uses its log handler an
 #: step interval in s or None when it was not measured).
 StepSink = Callable[[list, float, "float | None"], None]
 
-BUBBLE_SAMPLE_EVERY = 0
-"""Default of DCPP_BUBBLE_SAMPLE_EVERY (0: no timing beyond what calibration asks for; keeps the
-"no per-step sync once calibrated" rule of docs/architecture.md)."""
-
-
-def bubble_sample_every() -> int:
-    """DCPP_BUBBLE_SAMPLE_EVERY: time every step around 1 prefill in this many, so that its
-    bubbles are measured (1: every prefill; 0: only prefills calibration times anyway)."""
-    return envs.env_int("DCPP_BUBBLE_SAMPLE_EVERY", BUBBLE_SAMPLE_EVERY, low=0, high=1 << 30)
+def step_is_timed(fingerprint: int, every: int) -> bool:
+    """Whether workers timing 1 in `every` steps time this one (the same choice on every rank
+    and in the scheduler, without any message per step)."""
+    return every <= 1 or fingerprint % every == 0
 
 
 @dataclasses.dataclass(eq=False)
@@ -46,7 +42,7 @@ class SentStep:
     """One scheduled step awaiting its workers' timings."""
 
     fingerprint: int
-    """`vllm_compat.step_fingerprint` of the step's SchedulerOutput (what the workers key on)."""
+    """The step's fingerprint (`ScheduledStep.fingerprint`: what the workers key on)."""
     batch: list[tuple[int, int]]
     """(chunk tokens, history tokens) per scheduled request."""
     has_prefill: bool
@@ -59,9 +55,9 @@ class SentStep:
 class StageTiming:
     """Collects the workers' per-step compute times without stalling the pipeline."""
 
-    def __init__(self, vllm_config: Any, executor: Any | None) -> None:
-        self.vllm_config = vllm_config
-        self.executor = executor
+    def __init__(self, channel: WorkerChannel | None, num_stages: int) -> None:
+        self.channel = channel
+        """The engine's RPCs into its workers' step timers (None: no workers to ask)."""
         self.on = False
         """Whether every worker records step times (set by `enable`; off after an RPC error)."""
         self.sent: collections.deque[SentStep] = collections.deque(maxlen=4096)
@@ -70,8 +66,7 @@ class StageTiming:
         """The drain RPC in flight: (its future, the steps it covers)."""
         self.drain_age = 0
         """Step outputs seen since the drain in flight was sent."""
-        self.num_stages = max(1, int(getattr(vllm_config.parallel_config,
-                                             "pipeline_parallel_size", 1) or 1))
+        self.num_stages = max(1, int(num_stages))
         self._every = 1
         """Calibration's rate (`every` may be 1 while a prefill's bubbles are measured)."""
         self._workers_every = 1
@@ -79,15 +74,15 @@ class StageTiming:
         self.steps_seen = 0
         self.steps_timed = 0
         """Steps tracked while timing was on, and those of them the workers time."""
-        self.bubbles = BubbleTracker(sample_every=bubble_sample_every(),
+        self.bubbles = BubbleTracker(sample_every=envs.bubble_sample_every(),
                                      on_result=self._bubble_measured)
-        """Measured bubbles per prefill (`dcpp.chunker.bubbles`)."""
+        """Measured bubbles per prefill (`dcpp.online.bubbles`)."""
         self.metrics: Any | None = None
         """`metrics.DcppMetrics` to observe bubbles in (set by the runtime), or None."""
 
     @property
     def every(self) -> int:
-        """Workers time 1 in `every` steps (`vllm_compat.step_is_timed`): calibration's rate,
+        """Workers time 1 in `every` steps (`step_is_timed`): calibration's rate,
         or 1 while the bubble tracker wants every step."""
         return 1 if self.bubbles.full_timing else self._every
 
@@ -95,39 +90,31 @@ class StageTiming:
     def every(self, value: int) -> None:
         self._every = max(1, int(value))
 
-    def _rpc(self, name: str) -> Any:
-        from dcpp.integration.vllm import WORKER_EXTENSION_CLS
-        from dcpp.integration.vllm import worker_extension as ext
-
-        if self.vllm_config.parallel_config.worker_extension_cls == WORKER_EXTENSION_CLS:
-            return "dcpp_" + name
-        return getattr(ext, name)
-
     def enable(self) -> None:
-        if self.executor is None:
+        if self.channel is None:
             return
         try:
-            res = self.executor.collective_rpc(self._rpc("enable_step_timing"), timeout=60,
-                                               args=(self.every,))
-            self.on = bool(res) and all(isinstance(r, dict) and r.get("ok") for r in res)
-        except Exception as exc:
+            res = self.channel.enable_step_timing(self.every)
+        except RPC_ERRORS as exc:
             logger.warning("dcpp: per-stage step timing unavailable (%s: %s); calibrating on "
                            "step intervals", type(exc).__name__, exc)
             self.on = False
+            return
+        self.on = bool(res) and all(isinstance(r, dict) and r.get("ok") for r in res)
         if self.on:
             logger.info("dcpp: per-stage step timing on (%d workers)", len(res))
 
-    def track(self, out: Any, batch: list[tuple[int, int]], has_prefill: bool, *,
+    def track(self, fingerprint: int, batch: list[tuple[int, int]], has_prefill: bool, *,
               prefills: dict[str, tuple[int, int]] | None = None, finishing: Any = (),
               labels: dict[str, str] | None = None) -> SentStep:
-        """A record of the scheduled step `out`; queued for the next drain while timing is on.
+        """A record of the scheduled step `fingerprint`; queued for the next drain while timing is on.
         `prefills`: request id -> (chunk, history) of the step's prefills; `finishing`: those
         whose prefill it ends; `labels`: plan names of those starting (for the bubbles)."""
-        step = SentStep(vllm_compat.step_fingerprint(out), batch, has_prefill)
+        step = SentStep(fingerprint, batch, has_prefill)
         if self.on:
             self.steps_seen += 1
             step.index = self.steps_seen - 1
-            timed = vllm_compat.step_is_timed(step.fingerprint, self._workers_every)
+            timed = step_is_timed(step.fingerprint, self._workers_every)
             if timed:
                 self.steps_timed += 1
                 self.sent.append(step)
@@ -171,16 +158,17 @@ class StageTiming:
         # multiprocessing future is done there), and the legacy Ray executor's futures
         # (`RayDistributedExecutor`) never report done at all.
         if self.drain is not None and (idle or self.drain_age >= self.num_stages
-                                       or vllm_compat.future_done(self.drain[0])):
+                                       or self.drain[0].done()):
             future, steps = self.drain
             self.drain = None
             try:
-                self._match(future.result(), steps, sink)
-            except Exception as exc:
+                results = future.result()
+            except RPC_ERRORS as exc:  # the workers' answer, not what dcpp does with it
                 logger.warning("dcpp: collecting step times failed (%s: %s); per-stage "
                                "timing off", type(exc).__name__, exc)
                 self._off()
                 return
+            self._match(results, steps, sink)
         rate_changed = self.every != self._workers_every
         if self.drain is None and (rate_changed or self.sent and (idle or len(self.sent) >= 8)):
             steps = list(self.sent)
@@ -189,9 +177,8 @@ class StageTiming:
             # the old one: the ones a rank did not time are dropped by `_match`.
             every = self.every if rate_changed else None
             try:
-                future = self.executor.collective_rpc(self._rpc("drain_step_times"),
-                                                      args=(every,), non_block=True)
-            except Exception as exc:
+                future = self.channel.drain_step_times(every)
+            except RPC_ERRORS as exc:
                 logger.warning("dcpp: step-time RPC failed (%s: %s); per-stage timing off",
                                type(exc).__name__, exc)
                 self._off()

@@ -38,7 +38,7 @@ import dataclasses
 import logging
 from typing import Any
 
-from dcpp.integration.vllm.calibrator import ONLINE_MAX_MEDIAN_ERROR, ONLINE_MIN_R2
+from dcpp.online.calibration.calibrator import ONLINE_MAX_MEDIAN_ERROR, ONLINE_MIN_R2
 
 logger = logging.getLogger("vllm.dcpp")  # under "vllm": uses its log handler and level
 

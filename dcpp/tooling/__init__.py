@@ -1,0 +1,3 @@
+"""Tooling for tests, benchmarks, the demo and the CLI (not used by a serving engine): the vLLM
+engine and server harness (`harness`), the streaming load client (`load_client`) and vLLM's
+scheduler driven with no model (`offline`)."""

@@ -1,0 +1,205 @@
+"""Start-up profiling (`startup_profile.load_or_profile`) on a fake config and executor, no
+engine: failures that mean "no usable profile" (a corrupt cache file, a rejected fit, a failed
+or timed-out RPC, a model runner that cannot time a prefill) fall back with a warning; a bug in
+dcpp (in the loader, or in reading the workers' results) propagates instead of being taken for
+one of them. Also the worker side's warnings where vLLM's internals drift."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from types import SimpleNamespace as NS
+
+import numpy as np
+import pytest
+
+from dcpp.integration.vllm import startup_profile, vllm_compat, vllm_compat_worker
+
+BUDGET = 1024
+MAX_LEN = 16384
+
+
+def fake_vllm_config():
+    return NS(
+        scheduler_config=NS(max_num_batched_tokens=BUDGET, enable_chunked_prefill=True),
+        model_config=NS(max_model_len=MAX_LEN, model="fake-model", dtype="float32"),
+        cache_config=NS(block_size=16),
+        parallel_config=NS(pipeline_parallel_size=2, tensor_parallel_size=1,
+                           worker_extension_cls=""),
+        additional_config={"profiling_chunk_config": {"enabled": True, "min_chunk": 64}},
+    )
+
+
+def true_time(chunk, history):
+    return 2e-3 + 2e-6 * chunk + 4e-9 * chunk * history + 2e-9 * chunk * chunk
+
+
+class Executor:
+    """`collective_rpc` for the profiling passes: `fn(n, h)` seconds per stage, or `error`
+    raised, or `reply(n, h)` returned as is."""
+
+    def __init__(self, fn=true_time, error=None, reply=None):
+        self.fn, self.error, self.reply, self.calls = fn, error, reply, 0
+
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None, non_block=False):
+        self.calls += 1
+        if self.error is not None:
+            raise self.error
+        n, h = args[0], args[1]
+        if self.reply is not None:
+            return self.reply(n, h)
+        return [{"pp_rank": r, "tp_rank": 0, "seconds": self.fn(n, h) * (1.0 + 0.1 * r)}
+                for r in range(2)]
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    from dcpp.config import ProfilingChunkConfig
+
+    monkeypatch.setenv("DCPP_CACHE_DIR", str(tmp_path))
+    for name in ("DCPP_PROFILE_REPEATS", "DCPP_PROFILE_TIMEOUT_S", "VLLM_ENGINE_READY_TIMEOUT_S"):
+        monkeypatch.delenv(name, raising=False)
+    # What needs a live vLLM platform: fixed here.
+    monkeypatch.setattr(vllm_compat, "platform_device_name", lambda: "fake-device")
+    monkeypatch.setattr(vllm_compat, "vllm_version", lambda: "0.32.0")
+    vc = fake_vllm_config()
+    cfg = ProfilingChunkConfig.from_additional_config(vc.additional_config).check_engine(
+        pipeline_parallel_size=2, enable_chunked_prefill=True, max_num_batched_tokens=BUDGET)
+    return vc, cfg
+
+
+@pytest.fixture
+def warnings_log(caplog):
+    log = logging.getLogger("vllm.dcpp")  # vLLM may stop "vllm" propagating to root
+    propagate, log.propagate = log.propagate, False  # each record once, in caplog's handler
+    log.addHandler(caplog.handler)
+    caplog.set_level(logging.WARNING, logger="vllm.dcpp")
+    yield caplog
+    log.removeHandler(caplog.handler)
+    log.propagate = propagate
+
+
+def load(setup, executor):
+    vc, cfg = setup
+    return startup_profile.load_or_profile(vc, cfg, executor)
+
+
+def test_profiles_then_loads_from_the_cache(setup):
+    ex = Executor()
+    first = load(setup, ex)
+    assert first.source == "profiled" and first.model is not None and first.passes == ex.calls
+    again = load(setup, Executor())
+    assert again.source == "cache" and again.passes == 0 and again.path == first.path
+
+
+def test_a_bug_in_the_profile_loader_propagates(setup, monkeypatch):
+    from dcpp.chunker.profiler import Profile
+
+    load(setup, Executor())  # a valid cached profile
+
+    def broken(cls, path):
+        raise TypeError("Profile.load() got an unexpected keyword argument")
+
+    monkeypatch.setattr(Profile, "load", classmethod(broken))
+    ex = Executor()
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        load(setup, ex)
+    assert ex.calls == 0  # not taken for a corrupt file: no "profiling again"
+
+
+@pytest.mark.parametrize("damage", ["{", '{"format": 1}', "\xff\xfe", "directory"])
+def test_a_corrupt_cache_file_is_profiled_again(setup, warnings_log, damage):
+    import os
+
+    path = load(setup, Executor()).path
+    os.remove(path)
+    if damage == "directory":
+        os.mkdir(path)  # exists, but reading it is an OSError (or not a file: ValueError)
+    else:
+        with open(path, "w", encoding="latin-1") as f:
+            f.write(damage)
+    ex = Executor()
+    res = load(setup, ex)
+    assert "profiling again" in warnings_log.text
+    if damage != "directory":
+        assert res.source == "profiled" and ex.calls > 0
+
+
+@pytest.mark.parametrize("executor, what", [
+    (Executor(fn=lambda n, h: 0.01), "FitError"),  # timings that do not depend on the chunk
+    (Executor(error=RuntimeError("Worker failed with error 'CUDA out of memory'")),
+     "RuntimeError"),
+    (Executor(error=TimeoutError("RPC call to stage_timed_prefill timed out.")),
+     "TimeoutError"),
+])
+def test_profiling_failures_fall_back_to_static_chunking(setup, warnings_log, executor, what):
+    res = load(setup, executor)
+    assert res.model is None and res.source == "none" and res.unsupported is None
+    assert f"start-up profiling failed ({what}" in warnings_log.text
+    assert "falling back to static chunking" in warnings_log.text
+
+
+def test_a_fit_rejected_twice_counts_both_tries(setup):
+    ex = Executor(fn=lambda n, h: 0.01)
+    res = load(setup, ex)
+    assert res.model is None and res.passes == ex.calls and ex.calls > 17
+
+
+def test_profiling_past_its_budget_falls_back(setup, monkeypatch, warnings_log):
+    monkeypatch.setenv("DCPP_PROFILE_TIMEOUT_S", "1e-9")
+    res = load(setup, Executor())
+    assert res.model is None and "TimeoutError" in warnings_log.text
+    assert "DCPP_PROFILE_TIMEOUT_S" in warnings_log.text
+
+
+def test_an_unsupported_model_runner_is_reported(setup, warnings_log):
+    ex = Executor(reply=lambda n, h: [{"pp_rank": 0, "tp_rank": 0, "seconds": None,
+                                       "unsupported": "V2 model runner"}])
+    res = load(setup, ex)
+    assert res.model is None and "V2 model runner" in res.unsupported
+    assert "cannot run on this engine's model runner" in warnings_log.text
+
+
+def test_a_bug_in_reading_the_workers_results_propagates(setup):
+    ex = Executor(reply=lambda n, h: [{"pp_rank": 0, "tp_rank": 0}])  # no "seconds"
+    with pytest.raises(KeyError, match="seconds"):
+        load(setup, ex)
+
+
+# --- worker side -----------------------------------------------------------------------------
+@pytest.fixture
+def fresh_warnings(monkeypatch, warnings_log):
+    monkeypatch.setattr(vllm_compat_worker, "_warned", set())
+    return warnings_log
+
+
+def test_worker_stage_warns_once_when_the_rank_is_unreadable(monkeypatch, fresh_warnings):
+    monkeypatch.setitem(sys.modules, "vllm.distributed", None)  # ImportError
+    worker = NS(model_runner=None)
+    assert vllm_compat_worker.worker_stage(worker) == {"pp_rank": -1, "tp_rank": -1}
+    assert vllm_compat_worker.worker_stage(worker) == {"pp_rank": -1, "tp_rank": -1}
+    records = [r for r in fresh_warnings.records if "pipeline/tensor-parallel rank" in r.message]
+    assert len(records) == 1 and "ModuleNotFoundError" in records[0].message
+
+
+def test_worker_stage_bug_is_not_taken_for_drift(monkeypatch):
+    fake = NS(get_pp_group=lambda: 1 / 0, get_tp_group=lambda: None)
+    monkeypatch.setitem(sys.modules, "vllm.distributed", fake)
+    with pytest.raises(ZeroDivisionError):
+        vllm_compat_worker.worker_stage(NS(model_runner=None))
+
+
+def test_unreadable_dummy_run_shape_warns_once(fresh_warnings):
+    runner = NS()  # a runner whose buffers are not where vLLM 0.32 keeps them
+    assert vllm_compat_worker._dummy_run_shape(runner) is None
+    assert vllm_compat_worker._dummy_run_shape(runner) is None
+    records = [r for r in fresh_warnings.records if "dummy run's shape" in r.message]
+    assert len(records) == 1 and "AttributeError" in records[0].message
+    assert "WITHOUT checking" in records[0].message
+
+
+def test_readable_dummy_run_shape(fresh_warnings):
+    runner = NS(query_start_loc=NS(np=np.array([0, 512, 512], dtype=np.int32)),
+                optimistic_seq_lens_cpu=np.array([1536, 0], dtype=np.int32))
+    assert vllm_compat_worker._dummy_run_shape(runner) == (512, 1536)
+    assert not fresh_warnings.records
