@@ -89,7 +89,7 @@ bench: $(STAMP)
 
 # Serving under load (issue 13): the OpenAI server (PP=2, prefix caching, dcpp on) under
 # concurrent streaming clients; vLLM's chunking vs dcpp vs fixed chunks, ~16 min on 2 cores.
-# Its --quick smoke runs in `make test` (tests/integration/test_serve_load_quick.py).
+# Its --quick smoke runs in `make test` (tests/integration/benchmarks/test_serve_load_quick.py).
 .PHONY: bench-load
 bench-load: $(STAMP)
 	$(PY) benchmarks/serve_load.py

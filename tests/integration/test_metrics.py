@@ -103,7 +103,7 @@ def _stage_timing(workers):
 
 
 def test_stage_timing_measures_and_exports_a_prefills_bubbles(caplog):
-    """The hand oracle of tests/chunker/test_bubbles.py through StageTiming: 3 chunks of one
+    """The hand oracle of tests/online/test_bubbles.py through StageTiming: 3 chunks of one
     request, stage times (1, 1, 2) s and (1, 1, 1) s -> bubble fraction 0.3, logged at debug
     level, observed in the histogram under the request's plan, summarised for benchmarks."""
     from types import SimpleNamespace as NS

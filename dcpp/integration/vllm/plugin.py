@@ -78,7 +78,7 @@ def _platform_module() -> str:
         from vllm.platforms import current_platform
 
         return str(type(current_platform).__module__)
-    except Exception:  # pragma: no cover - no usable platform: not vllm-ascend's either
+    except (ImportError, RuntimeError):  # pragma: no cover - no usable platform: not ascend's
         return ""
 
 

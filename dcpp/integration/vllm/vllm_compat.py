@@ -16,7 +16,8 @@ from typing import Any, Callable
 
 logger = logging.getLogger("vllm.dcpp")  # under "vllm": uses its log handler and level
 
-VLLM_VERSIONS_CHECKED = ("0.32.0",)
+VLLM_VERSIONS_CHECKED = ("0.32.0", "0.33.0")
+"""Scheduler side on both (`make test-vllm033`); engine and workers on 0.32.0 (CPU build)."""
 
 # Scheduler method that vLLM 0.32 calls once per request and step with the number of new tokens
 # it is about to schedule (running and waiting queues alike), after its own budget and
@@ -31,7 +32,7 @@ def vllm_version() -> str:
         from vllm import __version__
 
         return str(__version__)
-    except Exception:  # pragma: no cover - vLLM always has a version
+    except ImportError:  # pragma: no cover - vLLM always has a version
         return "unknown"
 
 
@@ -123,7 +124,7 @@ def platform_device_name() -> str:
 
     try:
         return str(current_platform.get_device_name())
-    except Exception:
+    except (NotImplementedError, AttributeError, RuntimeError):  # a platform without the call
         return str(getattr(current_platform, "device_name", "unknown"))
 
 
