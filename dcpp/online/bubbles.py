@@ -246,10 +246,13 @@ class BubbleTracker:
         self._settle()
 
     def forget(self, request_ids: Iterable[str] | None) -> None:
-        """Requests aborted or stopped before their window closed (None: every request)."""
+        """The engine freed these requests (None: every request). A window whose last prefill
+        step was scheduled still closes when that step's output comes back (a request freed
+        right after its prefill is measured); one whose prefill was cut short (aborted or
+        stopped) is dropped, unmeasured."""
         ids = list(self._open) if request_ids is None else list(request_ids)
         for rid in ids:
-            if rid in self._open and self._open[rid].hi is None:
+            if rid in self._open and self._open[rid].last is None:
                 self._close(rid, measured=False)
         self._settle()
 

@@ -212,6 +212,19 @@ def test_forget_drops_an_aborted_prefill():
     assert tr.num_unmeasured == 2
 
 
+def test_a_request_freed_after_its_last_prefill_step_is_still_measured():
+    """vLLM frees a request (a 1-token answer, or a prefill-only request) before dcpp sees its
+    last step's output: the window closes on that output all the same."""
+    tr = BubbleTracker(sample_every=1)
+    tr.step(0, True, {"a": (100, 0)}, finishing=["a"], labels={"a": "pipeline"})
+    tr.forget(["a"])  # freed in update_from_output, before the output reaches the tracker
+    tr.spans(0, [0.0, 1.0], [1.0, 2.0])
+    tr.resolved(0)
+    tr.returned(0)
+    assert tr.num_measured == 1 and tr.num_unmeasured == 0
+    assert tr.results[-1].request_id == "a"
+
+
 def test_out_of_order_steps_are_rejected():
     tr = BubbleTracker()
     tr.step(3, True, {})
