@@ -5,13 +5,15 @@ new tokens; how many should it take?" (`size`). The answer is never 0 and never 
 `offered`, so dcpp changes the size of chunks, never which requests run (vLLM's order,
 priorities and admission caps stay vLLM's). The step's budget counts a chunk only once the
 engine commits to it (`commit`, with the number it really scheduled; `uncommit` if it takes
-the request out of the step again, e.g. a preemption). A request's plan is computed once, when its prefill starts (or after a
-prefix hit / preemption moved it), and continued after a trim without a new plan.
+the request out of the step again, e.g. a preemption). A request's plan is computed once,
+when its prefill starts (or after a prefix hit / preemption moved it), and continued after a
+trim without a new plan.
 
 Several prefills in one step share a time budget: the step may take as long as the longest
-planned chunk among its prefills (each plan's chunk for this step, at its history); a prefill
-sized after others gets the largest chunk that keeps the step's predicted time within that
-(closed form), but at least `min(remaining, floor)` tokens.
+planned chunk among its committed prefills (each plan's chunk for this step, at its history);
+a prefill sized after others gets the largest chunk that keeps the step's predicted time
+within that (closed form), but at least `min(remaining, floor, offered)` tokens, unless an
+encoder input or Mamba's block alignment then cuts it shorter (`size` has the bounds).
 
 Under load dcpp stands aside. Smaller chunks pay off only in the pipeline's fill and drain:
 when a prefill's last chunk leaves stage 0, the other P-1 stages still work on it for
@@ -20,12 +22,13 @@ request takes vLLM's own chunk whenever the other requests' pending prefill work
 prefills' rest and waiting prompts, in model seconds) covers that drain,
 ``other >= (P-1) * t(last chunk)``; it is planned (once) only when it would otherwise drain
 the pipeline. Decodes are not counted (their steps barely fill a stage). "equal_time" requests
-never stand aside (vllm-ascend's rule, kept as it is for comparison).
+and "static" requests never stand aside (vllm-ascend's rule and fixed chunks, kept as they
+are for comparison).
 
-A "pipeline" request whose plan provably starts with a budget-sized chunk (`opens_full`, a
-third of a plan's work) takes vLLM's chunk in the step that admits it, which already carries
-vLLM's admission work, and is planned from that same start in its next step, as if the plan
-had been made first: the same chunks, one step later.
+A "pipeline" request whose plan provably starts with a budget-sized chunk (`opens_full`, which
+costs about a third of making the plan) takes vLLM's chunk in the step that admits it, which
+already carries vLLM's admission work, and is planned from that same start in its next step,
+as if the plan had been made first: the same chunks, one step later.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import dataclasses
 from typing import Callable, Iterable, Protocol
 
 from dcpp.config import PLAN_MODES  # noqa: F401 - the modes a request may pick, re-exported
-from dcpp.online.requests import RequestPlan, RequestTable, trim_log  # noqa: F401
+from dcpp.online.requests import RequestPlan, RequestTable
 
 #: With PLAN_MODES, what a request may pick: "off" leaves it to vLLM's own chunking.
 PLAN_OFF = "off"
@@ -188,8 +191,13 @@ class ChunkSizer:
         return self._step is not None
 
     def size(self, ask: Ask) -> int:
-        """Tokens `ask.request_id` should take this step: in [1, offered], and at least
-        min(remaining, floor, offered) where dcpp plans it. Counts nothing until `commit`."""
+        """Tokens `ask.request_id` should take this step, always in [1, offered]. `offered`
+        itself with no step begun or at most one token offered or left; min(fixed, offered),
+        then the boundary cuts, for a fixed chunk size (model or not); else `offered` with no
+        model, for "off" and when standing aside. A planned request (also one whose plan is
+        put off a step: vLLM's offer is its first chunk) gets at least min(remaining, floor,
+        offered) before the boundary cuts (an encoder input that does not fit whole, Mamba's
+        block alignment), which may end the chunk below that. Counts nothing until `commit`."""
         offered = ask.offered
         remaining = ask.total - ask.history
         step, model = self._step, self.model

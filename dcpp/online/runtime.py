@@ -31,7 +31,7 @@ from dcpp.online.calibration.saver import CalibrationSaver, save_profile
 from dcpp.online.chunk_sizer import PLAN_MODES, PLAN_OFF, Ask, ChunkSizer
 from dcpp.online.engine import EngineLimits, Offer, ScheduledStep, StartupProfile, WorkerChannel
 from dcpp.online.prefill_log import PrefillLog
-from dcpp.online.request_options import RequestOptions
+from dcpp.online import request_options
 from dcpp.online.requests import RequestTable
 from dcpp.online.stage_timing import StageTiming
 from dcpp.online.step_ledger import LedgerEntry, StepLedger
@@ -67,7 +67,6 @@ class DcppRuntime:
         """Each request's dcpp state (one record, freed in `free`)."""
         self.planning = PlanningModel()
         """The one owner of the model dcpp plans with."""
-        self.options = RequestOptions(cfg.plan_mode, self.requests)
         self.predictors = {mode: ChunkPredictor(
             dataclasses.replace(cfg, plan_mode=mode), self.planning,
             max_num_batched_tokens=limits.max_num_batched_tokens, page_size=limits.page_size,
@@ -79,12 +78,10 @@ class DcppRuntime:
             self.requests, floor=spec.floor, align=spec.align, num_stages=limits.num_stages,
             opens_full=lambda mode, n, h: self.predictors[mode].opens_with_budget(n, history=h))
         self.ledger = StepLedger()
-        self.timing = StageTiming(channel, limits.num_stages)
+        self.timing = StageTiming(channel, limits.num_stages,
+                                  window=int(cfg.calibration_window))
         self.timing.metrics = metrics  # measured bubbles
         self.prefills = PrefillLog(self.requests)
-        self.interval_errors: collections.deque[float] = collections.deque(
-            maxlen=int(cfg.calibration_window))
-        """With stage timing: the interval's error (reported only; it carries the overhead)."""
         self.profile = dataclasses.replace(profile, model=None, samples=[])
         """Where the model came from ("live" once the live fit replaced it); the model itself
         is `planning`'s, the samples the calibrator's."""
@@ -201,11 +198,13 @@ class DcppRuntime:
         """Chunk for the request this step: in [1, `offer.offered`] (the engine's number)."""
         if not self.sizer.in_step or offer.offered <= 1:
             return offer.offered
-        rid = offer.request_id
+        state = self.requests.record(offer.request_id)
         return self.sizer.size(Ask(
-            request_id=rid, mode=self.options.mode(rid, offer.plan_arg), total=offer.total,
-            history=offer.history, offered=offer.offered, encoder_spans=offer.encoder_spans,
-            block_align=offer.block_align, fixed=self.options.fixed_chunk(rid, offer.chunk_arg)))
+            request_id=offer.request_id,
+            mode=request_options.plan_mode(state, offer.plan_arg, self.cfg.plan_mode),
+            total=offer.total, history=offer.history, offered=offer.offered,
+            encoder_spans=offer.encoder_spans, block_align=offer.block_align,
+            fixed=request_options.fixed_chunk(state, offer.chunk_arg)))
 
     def commit(self, request_id: str, history: int, tokens: int) -> None:
         """The engine really scheduled `tokens` (0: none) of the request it just asked about."""
@@ -230,9 +229,10 @@ class DcppRuntime:
             rid = r.request_id
             prefills[rid] = (r.tokens, r.history)
             if self.cal is not None and not self.prefills.is_timed(rid):
-                mode = self.options.mode(rid, r.plan_arg)
+                state = self.requests.record(rid)
+                mode = request_options.plan_mode(state, r.plan_arg, self.cfg.plan_mode)
                 self.prefills.start(rid, now, r.history, measured=mode != PLAN_OFF)
-                fixed = self.options.fixed_chunk(rid, r.chunk_arg) is not None
+                fixed = request_options.fixed_chunk(state, r.chunk_arg) is not None
                 labels[rid] = "fixed" if fixed else mode
             if self.metrics is not None:
                 self.metrics.chunk_tokens.observe(r.tokens)
@@ -271,7 +271,7 @@ class DcppRuntime:
                 # Compute comes from the workers; the interval only tells the per-step overhead
                 # (kept on the step until its compute time arrives).
                 predicted = float(self.model.predict_batch(entry.batch))
-                self.interval_errors.append(abs(predicted - interval) / interval)
+                self.timing.interval_errors.append(abs(predicted - interval) / interval)
                 entry.sent.interval = interval
         if self.stage_timing:
             self.timing.poll(idle, self._stage_measured,
@@ -336,8 +336,8 @@ class DcppRuntime:
             "stage_timing": self.stage_timing,
             "timed_steps": self.timing.steps_timed, "tracked_steps": self.timing.steps_seen,
             "overhead_s": cal.overhead_s() if cal else 0.0,
-            "median_interval_error": (statistics.median(self.interval_errors)
-                                      if self.interval_errors else float("nan")),
+            "median_interval_error": (statistics.median(self.timing.interval_errors)
+                                      if self.timing.interval_errors else float("nan")),
             "model": _fit_repr(self.model),
             "bubbles": self.timing.bubble_summary(),
         }

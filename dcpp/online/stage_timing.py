@@ -55,7 +55,8 @@ class SentStep:
 class StageTiming:
     """Collects the workers' per-step compute times without stalling the pipeline."""
 
-    def __init__(self, channel: WorkerChannel | None, num_stages: int) -> None:
+    def __init__(self, channel: WorkerChannel | None, num_stages: int,
+                 window: int = 256) -> None:
         self.channel = channel
         """The engine's RPCs into its workers' step timers (None: no workers to ask)."""
         self.on = False
@@ -77,6 +78,9 @@ class StageTiming:
         self.bubbles = BubbleTracker(sample_every=envs.bubble_sample_every(),
                                      on_result=self._bubble_measured)
         """Measured bubbles per prefill (`dcpp.online.bubbles`)."""
+        self.interval_errors: collections.deque[float] = collections.deque(maxlen=window)
+        """|predicted / interval - 1| of the steps whose interval was measured beside their
+        stage times (reported only: the interval carries the per-step overhead)."""
         self.metrics: Any | None = None
         """`metrics.DcppMetrics` to observe bubbles in (set by the runtime), or None."""
 

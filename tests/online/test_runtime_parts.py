@@ -9,7 +9,7 @@ from types import SimpleNamespace as NS
 
 from dcpp.online.calibration.saver import CalibrationSaver
 from dcpp.online.prefill_log import PrefillLog
-from dcpp.online.request_options import RequestOptions
+from dcpp.online.request_options import fixed_chunk, plan_mode
 from dcpp.online.requests import RequestTable
 from dcpp.online.step_ledger import LedgerEntry, StepLedger
 from dcpp.online.calibration.step_overhead import StepOverhead
@@ -67,19 +67,19 @@ def test_a_step_scheduled_after_the_last_output_measures_no_interval():
 
 def test_bad_request_options_fall_back_with_one_warning_each(caplog):
     table = RequestTable()
-    opts = RequestOptions("pipeline", table)
     with caplog.at_level(logging.WARNING, logger="vllm.dcpp"):
         for _ in range(3):
-            assert opts.mode("a", "fastest") == "pipeline"
-            assert opts.fixed_chunk("a", 0) is None
+            assert plan_mode(table.record("a"), "fastest", "pipeline") == "pipeline"
+            assert fixed_chunk(table.record("a"), 0) is None
     assert caplog.text.count("unknown dcpp_plan 'fastest'") == 1
     assert caplog.text.count("dcpp_chunk_size=0 on request a") == 1
-    assert opts.mode("b", "off") == "off"
-    assert opts.fixed_chunk("b", 1024) == 1024
-    assert opts.mode("c", None) == "pipeline" and opts.fixed_chunk("c", None) is None
+    assert plan_mode(table.record("b"), "off", "pipeline") == "off"
+    assert fixed_chunk(table.record("b"), 1024) == 1024
+    c = table.record("c")
+    assert plan_mode(c, None, "pipeline") == "pipeline" and fixed_chunk(c, None) is None
     table.free(["a"])  # the warnings were the request's: a new request "a" is warned again
     with caplog.at_level(logging.WARNING, logger="vllm.dcpp"):
-        opts.mode("a", "fastest")
+        plan_mode(table.record("a"), "fastest", "pipeline")
     assert caplog.text.count("unknown dcpp_plan 'fastest'") == 2
 
 

@@ -17,8 +17,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 
 from dcpp.integration.vllm import vllm_compat
 from dcpp.integration.vllm.adapter import SchedulerAdapter, build_runtime
-from dcpp.online.chunk_sizer import PLAN_MODES, PLAN_OFF  # noqa: F401 - re-exported
-from dcpp.online.runtime import DcppRuntime, logger
+from dcpp.online.runtime import DcppRuntime
 
 
 class _DcppMixin:

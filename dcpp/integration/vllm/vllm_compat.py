@@ -12,7 +12,10 @@ from __future__ import annotations
 import inspect
 import logging
 import zlib
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from dcpp.online.engine import EngineLimits, Offer, ScheduledStep
 
 logger = logging.getLogger("vllm.dcpp")  # under "vllm": uses its log handler and level
 

@@ -54,8 +54,6 @@ class Calibrator:
         self.profile_model = profile_model
         self.base = profile_model
         """The shape the fast scale multiplies: the profile, later its latest refit."""
-        self.model = profile_model
-        """base x scale: the model of what is measured (slowest-stage compute or intervals)."""
         self.scale = 1.0
         self.profile_samples = list(profile_samples)
         self.samples: collections.deque[tuple[list, float]] = collections.deque(maxlen=window)
@@ -150,11 +148,15 @@ class Calibrator:
         if not force and abs(scale / self.scale - 1.0) <= 0.01:
             return False
         self.scale = scale
-        self.model = self.base.scaled(scale) if scale != 1.0 else self.base
         logger.debug("dcpp: recalibrated: base model x %.3f", scale)
         return True
 
     # ------------------------------------------------------------------ what it knows
+    @property
+    def model(self) -> Any:
+        """base x scale: the model of what is measured (slowest-stage compute or intervals)."""
+        return self.base.scaled(self.scale) if self.scale != 1.0 else self.base
+
     def _recent_error_high(self) -> bool:
         if len(self.errors) < DRIFT_SPAN:
             return True
