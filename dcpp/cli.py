@@ -1,6 +1,7 @@
-"""`dcpp` command line. One function per subcommand (``cmd_<name>``), registered in
-`build_parser`; add ``demo``, ``profile``, ``timeline`` the same way (an ``add_<name>`` that
-declares the arguments and sets ``func``)."""
+"""`dcpp` command line: ``plan``, ``profile`` and ``timeline``. Each subcommand is an
+``add_<name>`` that declares its arguments and sets ``func`` to its ``cmd_<name>``, registered
+in `build_parser`; a new one is added the same way. (The demo is ``python -m dcpp.demo``,
+``make demo``, not a subcommand.)"""
 
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
 """Engine-agnostic dynamic chunker (numpy/scipy only; no vLLM or torch import).
 
-Data flow: profile (`profiler`) -> fit (`latency_model`) -> plan (`planner`, `predictor`)
--> run -> step timings refit the model (`dcpp.online.calibration.calibrator`; `calibration`
-measures their noise floor). `simulate` scores plans.
+Data flow: profile (`profiler`) -> fit (`latency_model`) -> the planning model's one owner
+(`planning_model`) -> plan (`planner`, with the rule in `rule`, lower bounds in `bounds` and
+the DP reference in `optimal`; `predictor`) -> run -> step timings refit the model (online,
+in `dcpp.online.calibration`: `calibrator`; `noise` measures their noise floor). `simulate`
+scores plans.
 """
 
 from dcpp.chunker.latency_model import FitError, HistoryLatencyModel, QuadraticModel

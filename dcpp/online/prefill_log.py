@@ -19,6 +19,15 @@ MIN_MEASURED_CHUNKS = 4
 
 
 @dataclasses.dataclass(frozen=True)
+class ClosedPrefill:
+    """A prefill whose last chunk was scheduled, waiting for that step's output."""
+
+    chunks: list[int]
+    history: int
+    started_at: float
+
+
+@dataclasses.dataclass(frozen=True)
 class WholePrefill:
     chunks: list[int]
     history: int
@@ -59,16 +68,21 @@ class PrefillLog:
             if state is not None and state.timing is not None:
                 state.timing.alone = False
 
-    def finish(self, request_ids: Iterable[str], t_out: float) -> list[WholePrefill]:
-        """Stop timing `request_ids`, whose last chunk's output came back at `t_out`; the ones
-        that measure the per-chunk cost."""
-        done = []
+    def close(self, request_ids: Iterable[str]) -> list[ClosedPrefill]:
+        """The prefills of `request_ids` end with the step just scheduled: stop timing them;
+        what the ones that can measure the per-chunk cost ran (their step's output, which
+        `measure` takes, may come back after the engine freed the requests)."""
+        closed = []
         for rid in request_ids:
             state = self.requests.get(rid)
             if state is None or state.timing is None:
                 continue
             info, state.timing = state.timing, None
             if info.alone and info.measured and len(state.chunks) >= MIN_MEASURED_CHUNKS:
-                done.append(WholePrefill(list(state.chunks), info.history,
-                                         t_out - info.started_at))
-        return done
+                closed.append(ClosedPrefill(list(state.chunks), info.history, info.started_at))
+        return closed
+
+    @staticmethod
+    def measure(closed: Iterable[ClosedPrefill], t_out: float) -> list[WholePrefill]:
+        """The closed prefills whose last chunk's output came back at `t_out`."""
+        return [WholePrefill(c.chunks, c.history, t_out - c.started_at) for c in closed]

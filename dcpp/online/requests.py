@@ -1,6 +1,7 @@
 """`RequestTable`: each request's dcpp state in one record (`RequestState`), created the first
 time dcpp meets the request and freed in one place (`RequestTable.free`) when the engine frees
-the request (finished, aborted) or moves it back to the queue (preempted).
+the request (finished, aborted). A preempted request keeps its record: its plan no longer
+matches where vLLM resumes it, so it is planned again from there, and its chunk log goes on.
 
 What a record holds: the request's chunk plan (`RequestPlan`), a plan put off to its next
 step, the chunks its prefill ran, the timing of its whole prefill, and which bad options it was
@@ -117,8 +118,7 @@ class RequestTable:
         state.plans.append((int(history), list(chunks)))
 
     def free(self, request_ids: Iterable[str] | None) -> list[RequestState]:
-        """Drop the records of `request_ids` (None: every record); the freed ones. A request
-        met again later (a preempted one resumed) starts a new record; its logs continue."""
+        """Drop the records of `request_ids` (None: every record); the freed ones."""
         if request_ids is None:
             freed = list(self._live.values())
             self._live.clear()

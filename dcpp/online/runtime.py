@@ -249,8 +249,9 @@ class DcppRuntime:
             self.prefills.shared(prefills)
         sent = self.timing.track(step.fingerprint, batch, bool(prefills), prefills=prefills,
                                  finishing=finishing, labels=labels)
+        closed = self.prefills.close(finishing) if self.cal is not None else []
         self.ledger.push(LedgerEntry(sent.fingerprint, now, batch, bool(prefills), finishing,
-                                     sent))
+                                     sent, closed))
 
     def free(self, request_ids: Any) -> None:
         """The engine freed `request_ids` (finished or aborted; None: every request): their
@@ -278,7 +279,7 @@ class DcppRuntime:
                              returned=entry.sent if entry is not None else None)
         if self.phase is Phase.CALIBRATED:
             if entry is not None and entry.finishing:
-                self._observe_requests(entry.finishing, t_out)
+                self._observe_requests(entry.closed, t_out)
             if idle:
                 self.saver.idle(self.cal)
 
@@ -303,11 +304,11 @@ class DcppRuntime:
         self._refresh_planning_model()
         self.saver.learnt(self.cal, refitted=self.cal.num_refits > refits)
 
-    def _observe_requests(self, request_ids: list[str], t_out: float) -> None:
+    def _observe_requests(self, closed: list, t_out: float) -> None:
         """Whole prefills of planned requests that ran alone teach the per-step cost the
         planner charges for every extra chunk (turnaround, hand-offs, jitter), which per-step
         compute timings cannot see."""
-        for whole in self.prefills.finish(request_ids, t_out):
+        for whole in self.prefills.measure(closed, t_out):
             self.cal.observe_request(whole.chunks, whole.history, whole.elapsed_s)
             self.saver.learnt(self.cal, refitted=False)
         self._refresh_planning_model()

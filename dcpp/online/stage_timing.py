@@ -126,7 +126,7 @@ class StageTiming:
         return step
 
     def forget(self, request_ids: Any) -> None:
-        """Requests aborted before their prefill's window closed (None: all)."""
+        """The engine freed these requests (None: all); see `BubbleTracker.forget`."""
         self.bubbles.forget(request_ids)
 
     def bubble_summary(self) -> dict:

@@ -29,6 +29,9 @@ class LedgerEntry:
     """Requests whose prefill ends with this step."""
     sent: SentStep
     """The step as the per-stage timing sees it (carries the measured interval)."""
+    closed: list = dataclasses.field(default_factory=list)
+    """Those of them that measure a whole prefill (`PrefillLog.close`), carried to the
+    step's output (the engine may free the requests before it comes back)."""
 
 
 class StepLedger:

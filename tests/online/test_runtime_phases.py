@@ -103,3 +103,25 @@ def test_each_request_is_one_record_freed_in_one_place():
     assert rt.requests.get("a") is None and len(rt.requests) == 0
     assert rt.chunk_log["a"] == [c] and rt.plan_log["a"][0][0] == 0  # the logs outlive it
     rt.free(None)  # nothing left: no error
+
+
+def test_a_whole_prefill_freed_before_its_last_output_is_still_measured():
+    """vLLM frees a request that ends on its prefill's last output (max_tokens=1) inside
+    update_from_output, before dcpp sees that output: the whole-prefill measurement (what the
+    per-step cost learns from) travels with the step, not on the freed record."""
+    rt = DcppRuntime(config(), LIMITS, profile(MODEL, "cache"))
+    chunks, h, t = [], 0, 0.0
+    while h < 4096:
+        rt.begin_step(1024)
+        c = rt.cap(Offer("a", total=4097, history=h, offered=min(1024, 4097 - h),
+                         plan_arg="equal_time"))
+        rt.commit("a", h, c)
+        rt.end_step(_step(100 + h, ("a", c, h, 4097, "equal_time", None)))
+        t += 0.05
+        if h + c >= 4097:
+            rt.free(["a"])  # freed before its last output reaches dcpp
+        rt.on_output(100 + h, t)
+        chunks.append(c)
+        h += c
+    assert len(chunks) >= 4 and len(rt.requests) == 0
+    assert len(rt.cal.overhead.request_gaps) == 1  # measured all the same

@@ -44,7 +44,7 @@ class DcppMetrics:
             "stage 0 and its last chunk's end on the last stage, averaged over pipeline stages "
             "(from the workers' step start/end times; prefills with an untimed step in that "
             "window are not observed). Label plan: off (vLLM's chunks), pipeline, equal_time, "
-            "fixed (dcpp_chunk_size).",
+            "static, fixed (dcpp_chunk_size), unknown (begun before timing started).",
             labelnames=("plan",), buckets=BUBBLE_BUCKETS, registry=r)
         self.step_seconds = Histogram(
             "dcpp_step_compute_seconds", "Slowest stage's compute time of each prefill step.",

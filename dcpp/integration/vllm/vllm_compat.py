@@ -154,7 +154,7 @@ def engine_limits(vllm_config: Any) -> "EngineLimits":
 def find_engine_executor(max_depth: int = 12) -> Any | None:
     """The model executor of the EngineCore that is constructing the calling scheduler.
 
-    vLLM 0.32 builds the scheduler inside `EngineCore.__init__` after the executor and the KV
+    vLLM 0.32 and 0.33 build the scheduler inside `EngineCore.__init__` after the executor and the KV
     caches exist, but passes the scheduler no handle to it. We look up the call stack for the
     EngineCore frame (`self.model_executor` with `collective_rpc`). Returns None if not found."""
     frame = inspect.currentframe()

@@ -1,7 +1,8 @@
-"""Calibration helpers. The online calibration itself (fast scale, periodic and drift refits
-on step timings from either measurement source) lives in the vLLM runtime
-(`dcpp.integration.vllm.scheduler.DcppRuntime`); `repeat_noise` separates a prediction error
-from the noise of the measurements."""
+"""The noise floor of step timings. The online calibration itself (fast scale, periodic and
+drift refits on step timings from either measurement source) is
+`dcpp.online.calibration.calibrator.Calibrator`, which `dcpp.online.runtime.DcppRuntime`
+feeds; `repeat_noise` separates a prediction error from the noise of the measurements (e.g. on
+the calibrator's `step_log`, as `benchmarks/vllm_ttft.py` does)."""
 
 from __future__ import annotations
 

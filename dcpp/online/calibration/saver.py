@@ -1,5 +1,5 @@
 """`CalibrationSaver`: when what calibration learnt is written beside the profile, and read
-back at start (the file itself: `calibration_store`).
+back at start (the file itself: `store`).
 
 Written after a refit on a busy engine (at most every `SAVE_EVERY_S`), when the engine goes idle
 with something unsaved (at most every `SAVE_IDLE_S`) and at shutdown. A file that cannot be
