@@ -81,7 +81,7 @@ from serve_workloads import (  # noqa: E402
     max_prompt_len,
 )
 
-from dcpp.integration.vllm import harness, load_client  # noqa: E402
+from dcpp.tooling import harness, load_client  # noqa: E402
 
 
 
@@ -237,7 +237,7 @@ def main(argv=None) -> int:
     modes = [REFERENCE] + ([] if args.no_dcpp_modes else ["pipeline", "equal_time"])
     modes += [f"fixed-{c}" for c in args.chunks]
     dcpp_cfg = {"enabled": True, "min_chunk": args.min_chunk}
-    cmd = load_client.server_command(model, port=load_client.free_port(), budget=args.budget,
+    cmd = load_client.server_command(model, port=harness.free_port(), budget=args.budget,
                                      max_model_len=max_model_len, dcpp=dcpp_cfg)
     log_path = out_dir / f"{stem}_server.log"
     print(f"server: {' '.join(cmd[1:])}\nlog: {log_path}", flush=True)

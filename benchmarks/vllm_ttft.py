@@ -46,7 +46,7 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 from bench_stats import paired_ci  # noqa: E402  (benchmarks/, beside this script)
 from dcpp.online.calibration.noise import repeat_noise  # noqa: E402
-from dcpp.integration.vllm import harness  # noqa: E402
+from dcpp.tooling import harness  # noqa: E402
 
 MODES = ("off", "pipeline", "equal_time")
 LABEL = {"off": "static (vLLM)", "pipeline": "dcpp default", "equal_time": "equal-time"}

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from types import SimpleNamespace as NS
 
 import pytest
 
 from dcpp import envs
+from dcpp.tooling.fake_engine import fake_vllm_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,16 +118,6 @@ def test_every_dcpp_variable_is_registered_and_read_only_in_envs():
 
 
 # --- the plugin's config hook (a fake VllmConfig: no vLLM needed) ----------------------------
-def fake_vllm_config(enabled=True):
-    return NS(
-        scheduler_config=NS(scheduler_cls=None, max_num_batched_tokens=2048,
-                            enable_chunked_prefill=True, async_scheduling=False),
-        model_config=NS(max_model_len=8192, enforce_eager=False),
-        parallel_config=NS(pipeline_parallel_size=2, worker_extension_cls=""),
-        additional_config={"profiling_chunk_config": {"enabled": enabled}},
-    )
-
-
 @pytest.fixture
 def plugin(monkeypatch):
     from dcpp.integration.vllm import plugin, vllm_compat
@@ -160,7 +150,7 @@ def test_configure_engine_with_good_variables_installs_dcpp(plugin, monkeypatch,
 
 def test_bad_variable_does_not_matter_while_dcpp_is_off(plugin, monkeypatch):
     monkeypatch.setenv("DCPP_PROFILE_REPEATS", "0")
-    cfg = fake_vllm_config(enabled=False)
+    cfg = fake_vllm_config(extra={"enabled": False})
     plugin.configure_engine(cfg, None)  # vLLM exactly as without dcpp
     cfg.additional_config = {}
     plugin.configure_engine(cfg, None)

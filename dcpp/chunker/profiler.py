@@ -232,17 +232,42 @@ def cache_path(key: dict, cache_dir: str | Path) -> Path:
     return Path(cache_dir).expanduser() / f"profile-{digest}.json"
 
 
+def load_cached(path: str | Path, key: dict | None = None, log=None) -> Profile | None:
+    """The profile cached at ``path`` for ``key`` (None: whatever its key), else None: no file
+    there (quietly), or a file that cannot be used, with a warning on ``log`` (default: this
+    module's logger) naming the file and the cause, and the caller profiles again. A file
+    cannot be used when reading it raises OSError (no permission, a directory) or ValueError
+    (not UTF-8 or not JSON, json's JSONDecodeError and UnicodeDecodeError being ValueErrors;
+    not a dcpp profile, which `Profile.from_json` reports as ValueError), or when it was made
+    for another key. Anything else is a bug in dcpp and propagates. The one rule for every
+    profile cache (`load_or_profile` here, the vLLM scheduler's start-up profile)."""
+    import logging
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    log = log or logging.getLogger(__name__)
+    try:
+        cached = Profile.load(path)
+    except (OSError, ValueError) as exc:
+        log.warning("dcpp: ignoring unreadable profile %s (%s: %s); profiling again", path,
+                    type(exc).__name__, exc)
+        return None
+    if key is not None and cached.cache_key != key:
+        log.warning("dcpp: ignoring profile %s, made for another cache key (%s, not %s); "
+                    "profiling again", path, cached.cache_key, key)
+        return None
+    return cached
+
+
 def load_or_profile(timed_forward: TimedForward, key: dict, cache_dir: str | Path,
                     **profile_kwargs) -> Profile:
-    """The cached profile for ``key`` if there is a valid one, else profile and cache it."""
+    """The cached profile for ``key`` if there is a usable one (`load_cached`), else profile
+    and cache it."""
     path = cache_path(key, cache_dir)
-    if path.is_file():
-        try:
-            cached = Profile.load(path)
-            if cached.cache_key == key:
-                return cached
-        except (OSError, ValueError):
-            pass  # unreadable, stale or corrupt (what `Profile.load` raises): profile again
+    cached = load_cached(path, key)
+    if cached is not None:
+        return cached
     prof = profile(timed_forward, cache_key=key, **profile_kwargs)
     prof.save(path)
     return prof

@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -132,12 +131,6 @@ async def run_sessions(sessions: Sequence[Any], concurrency: int,
 
 
 # --------------------------------------------------------------------------- server process
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_command(model: str | Path, *, port: int, budget: int, max_model_len: int,

@@ -10,62 +10,38 @@ profiles and calibrates as in an engine. `fake_output` is the model runner's ans
 
 from __future__ import annotations
 
-from dcpp.online.stage_timing import step_is_timed
-
 import itertools
 from typing import Any, Callable
 
 from dcpp.integration.vllm import vllm_compat
+from dcpp.online.stage_timing import step_is_timed
+from dcpp.tooling.fake_engine import FakeExecutor, true_time
 
-#: seconds(chunk, history) of one pipeline stage: 2 ms per step, attention grows with history.
+#: seconds(chunk, history) of one pipeline stage (default `fake_engine.true_time`: 2 ms per
+#: step, attention grows with history).
 LatencyFn = Callable[[int, int], float]
 
 
-def synthetic_stage(chunk: int, history: int) -> float:
-    return 2e-3 + 2e-6 * chunk + 4e-9 * chunk * history + 2e-9 * chunk * chunk
+class SyntheticExecutor(FakeExecutor):
+    """`FakeExecutor`'s worker RPCs (the same profiling and step-timing answers) on
+    `num_stages` identical stages of `fn`, with the workers' step timers fed by vLLM's real
+    scheduler outputs: `run(scheduler, output)` is a step's execution on every stage, recorded
+    when the stages' timer samples it."""
 
-
-class _Done:
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-    def done(self) -> bool:
-        return True
-
-    def result(self) -> Any:
-        return self.value
-
-
-class SyntheticExecutor:
-    """dcpp's worker RPCs answered from `fn` for `num_stages` stages; `run(step)` is a step's
-    execution on every stage (recorded when that stage's timer samples it)."""
-
-    def __init__(self, fn: LatencyFn = synthetic_stage, num_stages: int = 2) -> None:
-        self.fn, self.num_stages = fn, num_stages
-        self.timing_every: int | None = None
-        """The workers' timing rate (None: no timer installed)."""
-        self.records: list[list[tuple[int, float]]] = [[] for _ in range(num_stages)]
+    def __init__(self, fn: LatencyFn = true_time, num_stages: int = 2) -> None:
+        super().__init__(fn, step_timing=True, num_stages=num_stages,
+                         stage_scale=(1.0,) * num_stages)
+        self.every: int | None = None  # no timer installed until enable_step_timing
         self.steps_run = 0
-        self.steps_timed = 0
 
-    def collective_rpc(self, method: Any, timeout: float | None = None, args: tuple = (),
-                       kwargs: dict | None = None, non_block: bool = False) -> Any:
-        name = method if isinstance(method, str) else method.__name__
-        ranks = range(self.num_stages)
-        if name.endswith("timed_prefill"):
-            n, h = int(args[0]), int(args[1])
-            res = [{"pp_rank": r, "tp_rank": 0, "seconds": self.fn(n, h)} for r in ranks]
-        elif name.endswith("enable_step_timing"):
-            self.timing_every = int(args[0]) if args else 1
-            res = [{"pp_rank": r, "tp_rank": 0, "ok": True} for r in ranks]
-        elif name.endswith("drain_step_times"):
-            res = [{"pp_rank": r, "tp_rank": 0, "times": self.records[r]} for r in ranks]
-            self.records = [[] for _ in ranks]
-            if args and args[0] is not None:  # the new timing rate rides on the drain
-                self.timing_every = int(args[0])
-        else:
-            raise RuntimeError(f"SyntheticExecutor has no RPC {name!r}")
-        return _Done(res) if non_block else res
+    @property
+    def timing_every(self) -> int | None:
+        """The workers' timing rate (None: no timer installed)."""
+        return self.every
+
+    @property
+    def steps_timed(self) -> int:
+        return self.synced
 
     def run(self, scheduler: Any, scheduler_output: Any) -> None:
         """Every stage runs the step; the timer syncs and records it only when sampled."""
@@ -73,16 +49,15 @@ class SyntheticExecutor:
             return
         self.steps_run += 1
         fp = vllm_compat.step_fingerprint(scheduler_output)
-        if self.timing_every is None or not step_is_timed(fp, self.timing_every):
+        if self.every is None or not step_is_timed(fp, self.every):
             return
-        self.steps_timed += 1
+        self.synced += 1
         batch = [(r.tokens, r.history)
                  for r in vllm_compat.scheduled_step(scheduler, scheduler_output).requests]
         # Per-request work plus the step's fixed cost once (the form dcpp's model fits).
         fixed = self.fn(0, 0)
         secs = fixed + sum(self.fn(n, h) - fixed for n, h in batch)
-        for r in range(self.num_stages):
-            self.records[r].append((fp, secs))
+        self.queued.append((fp, [secs] * self.num_stages))
 
 
 class _EngineStandIn:

@@ -106,20 +106,15 @@ def test_live_calibration_starts_static_and_switches_once_it_can_fit(tmp_path, m
     assert serve(rt2, ex2, "restart", LONG, [0.0]) != static(LONG)
 
 
-class UnsupportedRunner(FakeExecutor):
+def unsupported_runner():
     """Workers whose model runner cannot time a prefill after a history (vLLM's V2 runner)."""
-
-    def collective_rpc(self, method, timeout=None, args=(), kwargs=None, non_block=False):
-        name = method if isinstance(method, str) else method.__name__
-        if name.endswith("timed_prefill"):
-            self.calls += 1
-            return [{"pp_rank": r, "tp_rank": 0, "seconds": None, "unsupported": V2_REASON}
-                    for r in range(2)]
-        return super().collective_rpc(method, timeout, args, kwargs, non_block)
+    return FakeExecutor(step_timing=True, reply=lambda n, h: [
+        {"pp_rank": r, "tp_rank": 0, "seconds": None, "unsupported": V2_REASON}
+        for r in range(2)])
 
 
 def test_unsupported_runner_is_reported_and_calibrated_live(tmp_path, monkeypatch, caplog):
-    ex = UnsupportedRunner(step_timing=True)
+    ex = unsupported_runner()
     with caplog.at_level(logging.WARNING, logger="vllm.dcpp"):
         rt = runtime(tmp_path, monkeypatch, executor=ex)
     assert ex.calls == 1 and rt.profile.passes == 0  # the first RPC said so: no retry
@@ -132,7 +127,7 @@ def test_unsupported_runner_is_reported_and_calibrated_live(tmp_path, monkeypatc
 
 
 def test_unsupported_runner_without_timing_stays_static(tmp_path, monkeypatch, caplog):
-    ex = UnsupportedRunner(step_timing=True)
+    ex = unsupported_runner()
     with caplog.at_level(logging.WARNING, logger="vllm.dcpp"):
         rt = runtime(tmp_path, monkeypatch, executor=ex, need_timing=False)
     assert rt.model is None and rt.live is None and not rt.stage_timing

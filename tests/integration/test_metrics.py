@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dcpp.tooling.fake_engine import FakeExecutor, driven_runtime
+from dcpp.tooling.fake_engine import (FakeExecutor, driven_runtime, fake_vllm_config, req,
+                                      sched, true_time)
+from dcpp.tooling.harness import free_port
 
-import concurrent.futures
 import logging
 import socket
 import urllib.request
@@ -17,19 +18,13 @@ prometheus_client = pytest.importorskip("prometheus_client",
 from dcpp.integration.vllm.metrics import start_metrics  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
         return resp.read().decode()
 
 
 def test_metrics_served_and_closed():
-    port = _free_port()
+    port = free_port()
     m = start_metrics(port)
     try:
         m.chunk_tokens.observe(1024)
@@ -67,7 +62,7 @@ def test_port_zero_is_off_and_taken_port_warns(caplog):
 
 # ------------------------------------------------------------------ measured bubbles
 def test_bubble_histogram_served_with_plan_label():
-    port = _free_port()
+    port = free_port()
     m = start_metrics(port)
     try:
         m.bubble_fraction.labels(plan="pipeline").observe(0.3)
@@ -90,13 +85,10 @@ def test_bubble_histogram_served_with_plan_label():
 
 
 def _stage_timing(workers):
-    from types import SimpleNamespace as NS
-
     from dcpp.integration.vllm.worker_rpc import VllmWorkerChannel
     from dcpp.online.stage_timing import StageTiming
 
-    vc = NS(parallel_config=NS(worker_extension_cls="", pipeline_parallel_size=2))
-    timing = StageTiming(VllmWorkerChannel(vc, workers), num_stages=2)
+    timing = StageTiming(VllmWorkerChannel(fake_vllm_config(), workers), num_stages=2)
     timing.enable()
     assert timing.on
     return timing
@@ -115,7 +107,7 @@ def test_stage_timing_measures_and_exports_a_prefills_bubbles(caplog):
     chunks = [(100, 0), (100, 100), (200, 200)]
     workers = FakeExecutor(step_timing=True)
     timing = _stage_timing(workers)
-    port = _free_port()
+    port = free_port()
     timing.metrics = start_metrics(port)
     sink = []
     log = logging.getLogger("vllm.dcpp")
@@ -200,13 +192,9 @@ def test_runtime_reports_bubbles_per_plan_in_stats_and_metrics(tmp_path, monkeyp
     from dcpp.integration.vllm import vllm_compat
 
     budget = 1024
-
-    def stage_time(n, h):
-        return 2e-3 + 2e-6 * n + 4e-9 * n * h + 2e-9 * n * n
-
     monkeypatch.setenv("DCPP_CACHE_DIR", str(tmp_path))
-    port = _free_port()
-    workers = FakeExecutor(fn=stage_time, step_timing=True, stage_scale=(1.0, 1.0))
+    port = free_port()
+    workers = FakeExecutor(fn=true_time, step_timing=True, stage_scale=(1.0, 1.0))
     rt = driven_runtime(workers, budget=budget, metrics_port=port)
     try:
         assert rt.stage_timing
@@ -214,21 +202,18 @@ def test_runtime_reports_bubbles_per_plan_in_stats_and_metrics(tmp_path, monkeyp
         t = 100.0
         for rid, extra in (("a", None), ("b", {"dcpp_plan": "off"}),
                            ("c", {"dcpp_chunk_size": 700})):
-            r = NS(request_id=rid, num_tokens=3000, num_prompt_tokens=3000,
-                   num_computed_tokens=0, num_tokens_with_spec=3000,
-                   sampling_params=NS(extra_args=extra) if extra else None)
-            sched = NS(running=[r], waiting=[], max_num_scheduled_tokens=budget,
-                       requests={rid: r}, scheduler_config=NS(disable_chunked_mm_input=False))
+            r = req(rid, 3000, extra=extra)
+            sc = sched([r], budget=budget, requests={rid: r})
             ends, times, outs = [t, t], [], []
             while r.num_computed_tokens < r.num_tokens:
-                rt.begin_step(sched)
+                rt.begin_step(sc)
                 h = r.num_computed_tokens
-                c = rt.cap(sched, r, h, min(budget, r.num_tokens - h))
+                c = rt.cap(sc, r, h, min(budget, r.num_tokens - h))
                 r.num_computed_tokens += c
                 out = NS(num_scheduled_tokens={rid: c}, scheduled_new_reqs=(),
                          scheduled_cached_reqs=NS(num_computed_tokens=[h]))
-                rt.end_step(sched, out)
-                s = stage_time(c, h)
+                rt.end_step(sc, out)
+                s = true_time(c, h)
                 a0 = ends[0]
                 a1 = max(a0 + s, ends[1])
                 ends = [a0 + s, a1 + 1.2 * s]  # stage 1 is 20% slower

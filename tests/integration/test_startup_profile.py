@@ -1,8 +1,10 @@
 """Start-up profiling (`startup_profile.load_or_profile`) on a fake config and executor, no
-engine: failures that mean "no usable profile" (a corrupt cache file, a rejected fit, a failed
-or timed-out RPC, a model runner that cannot time a prefill) fall back with a warning; a bug in
-dcpp (in the loader, or in reading the workers' results) propagates instead of being taken for
-one of them. Also the worker side's warnings where vLLM's internals drift."""
+engine: failures that mean "no usable profile" (a corrupt cache file or one for another key, a
+rejected fit, a failed or timed-out RPC, a model runner that cannot time a prefill) fall back
+with a warning; a bug in dcpp (in the loader, or in reading the workers' results) propagates
+instead of being taken for one of them. The chunker's profile cache
+(`dcpp.chunker.profiler.load_or_profile`) follows the same rule for cached files. Also the
+worker side's warnings where vLLM's internals drift."""
 
 from __future__ import annotations
 
@@ -14,42 +16,7 @@ import numpy as np
 import pytest
 
 from dcpp.integration.vllm import startup_profile, vllm_compat, vllm_compat_worker
-
-BUDGET = 1024
-MAX_LEN = 16384
-
-
-def fake_vllm_config():
-    return NS(
-        scheduler_config=NS(max_num_batched_tokens=BUDGET, enable_chunked_prefill=True),
-        model_config=NS(max_model_len=MAX_LEN, model="fake-model", dtype="float32"),
-        cache_config=NS(block_size=16),
-        parallel_config=NS(pipeline_parallel_size=2, tensor_parallel_size=1,
-                           worker_extension_cls=""),
-        additional_config={"profiling_chunk_config": {"enabled": True, "min_chunk": 64}},
-    )
-
-
-def true_time(chunk, history):
-    return 2e-3 + 2e-6 * chunk + 4e-9 * chunk * history + 2e-9 * chunk * chunk
-
-
-class Executor:
-    """`collective_rpc` for the profiling passes: `fn(n, h)` seconds per stage, or `error`
-    raised, or `reply(n, h)` returned as is."""
-
-    def __init__(self, fn=true_time, error=None, reply=None):
-        self.fn, self.error, self.reply, self.calls = fn, error, reply, 0
-
-    def collective_rpc(self, method, timeout=None, args=(), kwargs=None, non_block=False):
-        self.calls += 1
-        if self.error is not None:
-            raise self.error
-        n, h = args[0], args[1]
-        if self.reply is not None:
-            return self.reply(n, h)
-        return [{"pp_rank": r, "tp_rank": 0, "seconds": self.fn(n, h) * (1.0 + 0.1 * r)}
-                for r in range(2)]
+from dcpp.tooling.fake_engine import BUDGET, FakeExecutor, dcpp_log, fake_vllm_config
 
 
 @pytest.fixture
@@ -70,13 +37,8 @@ def setup(tmp_path, monkeypatch):
 
 @pytest.fixture
 def warnings_log(caplog):
-    log = logging.getLogger("vllm.dcpp")  # vLLM may stop "vllm" propagating to root
-    propagate, log.propagate = log.propagate, False  # each record once, in caplog's handler
-    log.addHandler(caplog.handler)
-    caplog.set_level(logging.WARNING, logger="vllm.dcpp")
-    yield caplog
-    log.removeHandler(caplog.handler)
-    log.propagate = propagate
+    with dcpp_log(caplog):
+        yield caplog
 
 
 def load(setup, executor):
@@ -85,51 +47,121 @@ def load(setup, executor):
 
 
 def test_profiles_then_loads_from_the_cache(setup):
-    ex = Executor()
+    ex = FakeExecutor()
     first = load(setup, ex)
     assert first.source == "profiled" and first.model is not None and first.passes == ex.calls
-    again = load(setup, Executor())
+    again = load(setup, FakeExecutor())
     assert again.source == "cache" and again.passes == 0 and again.path == first.path
 
 
 def test_a_bug_in_the_profile_loader_propagates(setup, monkeypatch):
     from dcpp.chunker.profiler import Profile
 
-    load(setup, Executor())  # a valid cached profile
+    load(setup, FakeExecutor())  # a valid cached profile
 
     def broken(cls, path):
         raise TypeError("Profile.load() got an unexpected keyword argument")
 
     monkeypatch.setattr(Profile, "load", classmethod(broken))
-    ex = Executor()
+    ex = FakeExecutor()
     with pytest.raises(TypeError, match="unexpected keyword"):
         load(setup, ex)
     assert ex.calls == 0  # not taken for a corrupt file: no "profiling again"
 
 
-@pytest.mark.parametrize("damage", ["{", '{"format": 1}', "\xff\xfe", "directory"])
-def test_a_corrupt_cache_file_is_profiled_again(setup, warnings_log, damage):
+DAMAGES = ["{", '{"format": 1}', "\xff\xfe", "directory", "other key"]
+"""Cached profiles that cannot be used: not JSON, not a dcpp profile, not UTF-8, not a file,
+made for another cache key."""
+
+
+def spoil(path, damage):
+    import json
     import os
 
-    path = load(setup, Executor()).path
+    if damage == "other key":
+        doc = json.loads(open(path).read())
+        doc["cache_key"]["model"] = "another-model"
+        text = json.dumps(doc)
     os.remove(path)
     if damage == "directory":
         os.mkdir(path)  # exists, but reading it is an OSError (or not a file: ValueError)
-    else:
-        with open(path, "w", encoding="latin-1") as f:
-            f.write(damage)
-    ex = Executor()
+        return
+    with open(path, "w", encoding="latin-1") as f:
+        f.write(text if damage == "other key" else damage)
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_corrupt_cache_file_is_profiled_again(setup, warnings_log, damage):
+    path = load(setup, FakeExecutor()).path
+    spoil(path, damage)
+    ex = FakeExecutor()
     res = load(setup, ex)
-    assert "profiling again" in warnings_log.text
+    assert "profiling again" in warnings_log.text and path in warnings_log.text
     if damage != "directory":
         assert res.source == "profiled" and ex.calls > 0
 
 
+def _chunker_cache(tmp_path):
+    """`dcpp.chunker.profiler.load_or_profile` on a synthetic timer: (load, its key, calls)."""
+    from dcpp.chunker import profiler
+    from dcpp.tooling.fake_engine import MAX_LEN, true_time
+
+    key = profiler.cache_key(model="fake-model", dtype="float32", pipeline_parallel_size=2,
+                             tensor_parallel_size=1, device="fake-device",
+                             max_num_batched_tokens=BUDGET, max_model_len=MAX_LEN)
+    calls = []
+
+    def timer(n, h):
+        calls.append((n, h))
+        return true_time(n, h)
+
+    def load_chunker():
+        return profiler.load_or_profile(timer, key, tmp_path, max_num_batched_tokens=BUDGET,
+                                        max_model_len=MAX_LEN, num_samples=8)
+
+    return load_chunker, profiler.cache_path(key, tmp_path), calls
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_the_chunker_profile_cache_follows_the_same_rule(tmp_path, caplog, damage):
+    """`dcpp.chunker.profiler.load_or_profile` (the CLI's and the reference's cache) shares
+    the rule (`profiler.load_cached`): each unusable file warns and is profiled again."""
+    load_chunker, path, calls = _chunker_cache(tmp_path)
+    load_chunker()
+    spoil(str(path), damage)
+    before = len(calls)
+    with caplog.at_level(logging.WARNING, logger="dcpp.chunker.profiler"):
+        if damage == "directory":
+            with pytest.raises(OSError):  # profiled again, but nothing can be saved there
+                load_chunker()
+        else:
+            again = load_chunker()
+            assert again.cache_key["model"] == "fake-model"
+    assert "profiling again" in caplog.text and str(path) in caplog.text
+    assert len(calls) > before
+
+
+def test_a_bug_in_the_profile_loader_propagates_from_the_chunker_cache(tmp_path, monkeypatch):
+    from dcpp.chunker.profiler import Profile
+
+    load_chunker, _, calls = _chunker_cache(tmp_path)
+    load_chunker()
+
+    def broken(cls, path):
+        raise TypeError("Profile.load() got an unexpected keyword argument")
+
+    monkeypatch.setattr(Profile, "load", classmethod(broken))
+    before = len(calls)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        load_chunker()
+    assert len(calls) == before
+
+
 @pytest.mark.parametrize("executor, what", [
-    (Executor(fn=lambda n, h: 0.01), "FitError"),  # timings that do not depend on the chunk
-    (Executor(error=RuntimeError("Worker failed with error 'CUDA out of memory'")),
+    (FakeExecutor(fn=lambda n, h: 0.01), "FitError"),  # timings independent of the chunk
+    (FakeExecutor(error=RuntimeError("Worker failed with error 'CUDA out of memory'")),
      "RuntimeError"),
-    (Executor(error=TimeoutError("RPC call to stage_timed_prefill timed out.")),
+    (FakeExecutor(error=TimeoutError("RPC call to stage_timed_prefill timed out.")),
      "TimeoutError"),
 ])
 def test_profiling_failures_fall_back_to_static_chunking(setup, warnings_log, executor, what):
@@ -140,28 +172,28 @@ def test_profiling_failures_fall_back_to_static_chunking(setup, warnings_log, ex
 
 
 def test_a_fit_rejected_twice_counts_both_tries(setup):
-    ex = Executor(fn=lambda n, h: 0.01)
+    ex = FakeExecutor(fn=lambda n, h: 0.01)
     res = load(setup, ex)
     assert res.model is None and res.passes == ex.calls and ex.calls > 17
 
 
 def test_profiling_past_its_budget_falls_back(setup, monkeypatch, warnings_log):
     monkeypatch.setenv("DCPP_PROFILE_TIMEOUT_S", "1e-9")
-    res = load(setup, Executor())
+    res = load(setup, FakeExecutor())
     assert res.model is None and "TimeoutError" in warnings_log.text
     assert "DCPP_PROFILE_TIMEOUT_S" in warnings_log.text
 
 
 def test_an_unsupported_model_runner_is_reported(setup, warnings_log):
-    ex = Executor(reply=lambda n, h: [{"pp_rank": 0, "tp_rank": 0, "seconds": None,
-                                       "unsupported": "V2 model runner"}])
+    ex = FakeExecutor(reply=lambda n, h: [{"pp_rank": 0, "tp_rank": 0, "seconds": None,
+                                           "unsupported": "V2 model runner"}])
     res = load(setup, ex)
     assert res.model is None and "V2 model runner" in res.unsupported
     assert "cannot run on this engine's model runner" in warnings_log.text
 
 
 def test_a_bug_in_reading_the_workers_results_propagates(setup):
-    ex = Executor(reply=lambda n, h: [{"pp_rank": 0, "tp_rank": 0}])  # no "seconds"
+    ex = FakeExecutor(reply=lambda n, h: [{"pp_rank": 0, "tp_rank": 0}])  # no "seconds"
     with pytest.raises(KeyError, match="seconds"):
         load(setup, ex)
 

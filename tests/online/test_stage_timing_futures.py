@@ -18,7 +18,7 @@ from types import SimpleNamespace as NS
 
 import pytest
 
-from dcpp.tooling.fake_engine import BUDGET, FakeExecutor, driven_runtime, true_time
+from dcpp.tooling.fake_engine import FakeExecutor, isolated_runtime, req, sched, true_time
 
 NUM_STAGES = 2
 
@@ -63,8 +63,7 @@ def executor(future_cls):
 
 
 def runtime(tmp_path, monkeypatch, executor):
-    monkeypatch.setenv("DCPP_CACHE_DIR", str(tmp_path))
-    return driven_runtime(executor)
+    return isolated_runtime(monkeypatch, tmp_path, executor)
 
 
 def run_busy_steps(rt, ex, n):
@@ -76,10 +75,8 @@ def run_busy_steps(rt, ex, n):
     rt.ledger.last_output_t = t
     for i in range(n):
         c, h = 256 + 64 * (i % 8), 512 * (i % 16)
-        r = NS(request_id=f"r{ex.outputs}", num_tokens=h + c + 100, num_prompt_tokens=h + c + 100,
-               num_computed_tokens=h + c, num_tokens_with_spec=h + c + 100,
-               sampling_params=None)
-        s = NS(running=[r], max_num_scheduled_tokens=BUDGET, requests={r.request_id: r})
+        r = req(f"r{ex.outputs}", h + c + 100, computed=h + c)
+        s = sched([r], requests={r.request_id: r})
         out = NS(num_scheduled_tokens={r.request_id: c})
         rt.end_step(s, out)
         rt.ledger._queue[-1].scheduled_at = t - 1e-4

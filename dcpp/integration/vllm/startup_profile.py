@@ -2,7 +2,7 @@
 from timed prefill passes on every pipeline stage (`collective_rpc` into the workers), or is
 None (static chunking) when neither works.
 
-`load_or_profile` is what the vLLM adapter (`scheduler.build_runtime`) calls once at start-up;
+`load_or_profile` is what the vLLM adapter (`adapter.build_runtime`) calls once at start-up;
 the `StartupProfile` it returns is handed to the engine-agnostic `DcppRuntime`. With
 ``live_calibration``, or where a worker's model runner cannot time a prefill after a history
 (the profiling RPC's result says ``unsupported``), it returns no model and the runtime
@@ -57,29 +57,22 @@ def cache_key(vllm_config: Any, cfg: Any) -> dict:
 def load_or_profile(vllm_config: Any, cfg: Any, executor: Any | None) -> StartupProfile:
     """The cached profile if readable, else a fresh one (saved to the cache); model None when
     there is no executor or profiling fails."""
-    from dcpp.chunker.profiler import Profile, cache_path
+    from dcpp.chunker.profiler import cache_path, load_cached
 
     limits = vllm_compat.engine_limits(vllm_config)
     key = cache_key(vllm_config, cfg)
     cache_dir = cfg.profile_cache_dir or default_cache_dir()
     path = cache_path(key, cache_dir)
     result = StartupProfile(model=None, source="none", path=str(path), passes=0, cache_key=key)
-    if os.path.exists(path):
-        try:
-            prof = Profile.load(path)
-        except (OSError, ValueError) as exc:
-            # What a stale or corrupt file raises (an unreadable file; not JSON, json's
-            # JSONDecodeError and UnicodeDecodeError being ValueErrors; not a dcpp profile, which
-            # `Profile.from_json` reports as ValueError): profile again. Anything else is a bug.
-            logger.warning("dcpp: ignoring unreadable profile %s (%s: %s); profiling again",
-                           path, type(exc).__name__, exc)
-        else:
-            result.model = prof.model
-            result.samples = _samples(prof)
-            result.source = "cache"
-            logger.info("dcpp: profile loaded from %s (0 profiling passes)", path)
-            _log_fit(prof, limits, cfg.plan_mode)
-            return result
+    # A stale or corrupt file: a warning and profiling again; a bug in loading propagates.
+    prof = load_cached(path, key, log=logger)
+    if prof is not None:
+        result.model = prof.model
+        result.samples = _samples(prof)
+        result.source = "cache"
+        logger.info("dcpp: profile loaded from %s (0 profiling passes)", path)
+        _log_fit(prof, limits, cfg.plan_mode)
+        return result
     if cfg.live_calibration:
         logger.info("dcpp: live_calibration: no start-up profiling; serving vLLM's static "
                     "chunks of max_num_batched_tokens=%d until step timings cover enough "

@@ -17,7 +17,7 @@ pytestmark = [
     pytest.mark.skipif(not vllm_available(), reason="needs vllm (pip install dcpp[vllm])"),
 ]
 
-BENCH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "scheduler_overhead.py"
+BENCH = pathlib.Path(__file__).resolve().parents[3] / "benchmarks" / "scheduler_overhead.py"
 
 
 def test_scheduler_overhead_benchmark_runs(tmp_path, monkeypatch, capsys):

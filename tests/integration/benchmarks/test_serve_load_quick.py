@@ -24,7 +24,7 @@ pytestmark = [
     pytest.mark.skipif(not lib.vllm_available(), reason="needs vllm (pip install dcpp[vllm])"),
 ]
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SCRIPT = ROOT / "benchmarks" / "serve_load.py"
 TIMEOUT_S = 600  # the smoke takes < 3 min here; start-up alone can take 2 on a busy machine
 
