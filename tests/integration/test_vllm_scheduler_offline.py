@@ -298,3 +298,314 @@ def test_two_long_prompts_take_vllms_chunks_until_one_would_drain_the_pipeline(
     ran = [s["b"] for s in b if s.get("b", 0) > 1]
     assert sum(log) == 12_000 - start and ran[-len(log):] == log
     assert min(log) < BUDGET and ran != [x["b"] for x in a if x.get("b", 0) > 1]
+
+
+# --------------------------------------------------------------------------- the step's budget
+# What the mixin keeps in step with vLLM: dcpp's step budget (`ChunkSizer._step`) counts what
+# vLLM's hook really returned (`commit`, also after the lookahead retry), loses a request vLLM
+# preempts within the step (`uncommit`), and every request vLLM frees loses its record.
+# Fixed chunk sizes (`dcpp_chunk_size`, dcpp's number through the same hook) make each step's
+# tokens and KV blocks known in advance: block_size 16, 141 blocks (one is vLLM's null block).
+SMALL_CACHE = 141
+
+
+def dcpp_only(model_dir, tmp_path, monkeypatch, policy="fcfs", cls=None, **kw):
+    """dcpp's scheduler alone (no vLLM twin), its executor and a `StepBudget` on it."""
+    from dcpp.integration.vllm.scheduler import DcppScheduler
+    from dcpp.tooling import offline
+
+    monkeypatch.setenv("DCPP_CACHE_DIR", str(tmp_path))
+    ex = offline.SyntheticExecutor()
+    ours = offline.build_scheduler(cls or DcppScheduler, model_dir, executor=ex, budget=BUDGET,
+                                   max_model_len=MAX_LEN, policy=policy,
+                                   dcpp={"enabled": True, "min_chunk": 256}, **kw)
+    assert ours.dcpp is not None and ours.dcpp.model is not None
+    return ours, ex, StepBudget(ours.dcpp)
+
+
+class StepBudget:
+    """dcpp's step budget watched from inside vLLM's `schedule`: this step's commits and
+    uncommits as they happen, and each step's grants as `DcppRuntime.end_step` finds them
+    (read before it clears the step)."""
+
+    def __init__(self, rt):
+        sizer = rt.sizer
+        commit, uncommit, end_step = sizer.commit, sizer.uncommit, rt.end_step
+        self.events = []
+        """This step's ("commit", id, tokens) and ("uncommit", id, tokens it had or None)."""
+        self.ends = []
+        """Per step: ({id: granted tokens}, the step's room, prefill room left)."""
+        self.stale = []
+        """Per checked step: {id: tokens} granted to a request left waiting (`step_checked`)."""
+
+        def _commit(rid, history, tokens):
+            self.events.append(("commit", rid, tokens))
+            commit(rid, history, tokens)
+
+        def _uncommit(rid):
+            grant = sizer._step.granted.get(rid) if sizer._step is not None else None
+            self.events.append(("uncommit", rid, grant.tokens if grant else None))
+            uncommit(rid)
+
+        def _end_step(step):
+            st = sizer._step
+            self.ends.append(({r: g.tokens for r, g in st.granted.items()}, st.room,
+                              st.prefill_room))
+            end_step(step)
+
+        sizer.commit, sizer.uncommit, rt.end_step = _commit, _uncommit, _end_step
+
+
+def scheduled_prefills(sched, out):
+    """{request id: tokens} of the prefill chunks in vLLM's SchedulerOutput (a decode computes
+    only a request's last token; vLLM has advanced num_computed_tokens already)."""
+    chunks = {}
+    for rid, n in out.num_scheduled_tokens.items():
+        req = sched.requests[rid]
+        if req.num_computed_tokens - n < req.num_tokens - 1:
+            chunks[rid] = n
+    return chunks
+
+
+def step_checked(sched, ex, budget):
+    """One step; dcpp's budget at its end holds exactly vLLM's scheduled prefills, but for
+    one case: in vLLM's waiting loop a request whose KV blocks cannot be allocated after the
+    hook answered stays waiting and ends the loop (0.32 and 0.33: `break`), so nothing tells
+    dcpp and its grant stays. Then it is the step's last commit (no request is sized against
+    it) and is recorded in `budget.stale`. Returns (the output, its prefills, this step's
+    commit/uncommit events) before the model's output is handed back."""
+    from vllm.v1.request import RequestStatus
+
+    budget.events.clear()
+    out = sched.schedule()
+    ex.run(sched, out)
+    granted, room, left = budget.ends[-1]
+    prefills = scheduled_prefills(sched, out)
+    stale = {r: t for r, t in granted.items() if r not in prefills}
+    if stale:  # more than one, or one sized against: a grant vLLM took back was kept
+        why = ("dcpp's step budget kept grants vLLM did not schedule", stale, budget.events)
+        assert len(stale) == 1, why
+        [(rid, tokens)] = stale.items()
+        assert budget.events[-1] == ("commit", rid, tokens), why
+        assert sched.requests[rid].status in (RequestStatus.WAITING,
+                                              RequestStatus.PREEMPTED), why
+    budget.stale.append(stale)
+    assert {r: t for r, t in granted.items() if r in prefills} == prefills, (
+        budget.events, dict(out.num_scheduled_tokens))
+    assert left == room - sum(granted.values())
+    return out, prefills, list(budget.events)
+
+
+def answer(sched, out):
+    from dcpp.tooling import offline
+
+    sched.update_from_output(out, offline.fake_output(sched, out))
+
+
+def fixed_request(rid, n, chunk, priority=0, t=0.0):
+    from dcpp.tooling import offline
+
+    return offline.make_request(n, priority=priority, request_id=rid, arrival_time=t,
+                                max_tokens=1, chunk_size=chunk)
+
+
+def test_a_request_preempted_after_its_grant_leaves_the_steps_budget(model_dir, tmp_path,
+                                                                    monkeypatch):
+    """PRIORITY: a low-priority prefill ("low") is scheduled first in a step; the
+    higher-priority running prefill after it ("high") finds no KV blocks, so vLLM preempts
+    "low", already granted this step, and gives its tokens back to its own budget. dcpp's
+    step budget gives them back too: at the step's end it holds "high"'s chunk only. "low"
+    keeps its record; resumed from token 0, its chunk log continues."""
+    ours, ex, budget = dcpp_only(model_dir, tmp_path, monkeypatch, policy="priority",
+                                 num_blocks=SMALL_CACHE)
+    ours.add_request(fixed_request("low", 2048, 512, priority=1, t=0.0))
+    out, prefills, _ = step_checked(ours, ex, budget)  # "low" alone: 32 blocks
+    assert prefills == {"low": 512}
+    answer(ours, out)
+    ours.add_request(fixed_request("high", 1024, 512, priority=0, t=1.0))
+    out, prefills, _ = step_checked(ours, ex, budget)  # running "low", then admits "high"
+    assert prefills == {"low": 512, "high": 512}  # 96 of 140 blocks
+    answer(ours, out)
+    assert [r.request_id for r in ours.running] == ["low", "high"]
+    record = ours.dcpp.requests.get("low")
+    assert record is not None and record.chunks == [512, 512]
+
+    # "low" takes 32 more blocks (128 used), "high" then needs 32 of the 12 left: vLLM
+    # preempts "low" (priority 1) after it was granted, then allocates "high".
+    out, prefills, events = step_checked(ours, ex, budget)
+    assert events == [("commit", "low", 512), ("commit", "high", 512),
+                      ("uncommit", "low", 512)]
+    assert prefills == dict(out.num_scheduled_tokens) == {"high": 512}
+    assert out.preempted_req_ids == {"low"}
+    assert budget.ends[-1][2] == budget.ends[-1][1] - 512  # only "high"'s tokens left the room
+    assert ours.dcpp.requests.get("low") is record  # preempted: the record stays
+    answer(ours, out)
+
+    while ours.has_unfinished_requests():
+        out, _, events = step_checked(ours, ex, budget)
+        assert not any(e[0] == "uncommit" for e in events)
+        answer(ours, out)
+        assert len(budget.ends) < 30
+    assert ours.dcpp.chunk_log["low"] == [512, 512] + [512] * 4  # its log went on at 0
+    assert ours.dcpp.chunk_log["high"] == [512, 512]
+    assert len(ours.dcpp.requests) == 0  # both finished: both records freed
+    assert not any(budget.stale)
+
+
+def test_a_request_that_preempts_itself_leaves_the_steps_budget(model_dir, tmp_path,
+                                                               monkeypatch):
+    """FCFS: the last running prefill ("b") is granted, then finds no KV blocks; vLLM
+    preempts the last running request, "b" itself (`preempted_req == request`), and does not
+    schedule it. dcpp's step budget drops "b"'s grant; "b" keeps its record."""
+    ours, ex, budget = dcpp_only(model_dir, tmp_path, monkeypatch, num_blocks=SMALL_CACHE)
+    ours.add_request(fixed_request("a", 1600, 512, t=0.0))
+    ours.add_request(fixed_request("b", 1024, 256, t=1.0))
+    steps = []
+    while ours.has_unfinished_requests():
+        out, prefills, events = step_checked(ours, ex, budget)
+        steps.append((prefills, events, set(out.preempted_req_ids or ())))
+        answer(ours, out)
+        assert len(steps) < 30
+    # Blocks: 48 after step 0, 96 after step 1; in step 2 "a" takes 32 more (12 of 140 left)
+    # and "b", the last running request, cannot get its 16.
+    assert steps[0][0] == steps[1][0] == {"a": 512, "b": 256}
+    prefills, events, preempted = steps[2]
+    assert events == [("commit", "a", 512), ("commit", "b", 256), ("uncommit", "b", 256)]
+    assert prefills == {"a": 512} and preempted == {"b"}
+    assert all(not s[2] for i, s in enumerate(steps) if i != 2)  # the one preemption
+    assert ours.dcpp.chunk_log["a"] == [512, 512, 512, 64]
+    assert ours.dcpp.chunk_log["b"] == [256, 256] + [256] * 4  # the same log, from 0 again
+    # Step 3: "b", waiting, is sized, then vLLM finds no room for its whole prompt
+    # (`scheduler_reserve_full_isl`) and ends its waiting loop; "b"'s grant is the step's last.
+    assert [i for i, st in enumerate(budget.stale) if st] == [3]
+    assert budget.stale[3] == {"b": 256}
+    assert len(ours.dcpp.requests) == 0
+
+
+def under_dcpp_recording_vllms_hook():
+    """dcpp's scheduler over a vLLM `Scheduler` that records each call of its own hook (the
+    calls dcpp's mixin makes): (request id, tokens asked, vLLM's answer)."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from dcpp.integration.vllm.scheduler import DcppScheduler
+
+    class RecordingVllm(Scheduler):
+        def _reserve_prefill_lookahead(self, request, num_computed_tokens, num_new_tokens):
+            got = super()._reserve_prefill_lookahead(request, num_computed_tokens,
+                                                     num_new_tokens)
+            self.hook_calls.append((request.request_id, num_new_tokens, got))
+            return got
+
+    class Ours(DcppScheduler, RecordingVllm):  # MRO: dcpp's mixin, RecordingVllm, Scheduler
+        hook_calls: list
+
+    return Ours
+
+
+def test_a_cut_in_the_lookahead_window_takes_vllms_number(model_dir, tmp_path, monkeypatch):
+    """Multi-module MTP's lookahead (48 tokens, set on the built scheduler as above): a chunk
+    may not end within 48 tokens of the prompt's end. "short" (40 tokens, fixed chunks of 16)
+    would end 24 before it: vLLM answers 0 for dcpp's 16, and the mixin takes vLLM's own
+    number, the whole prompt (without the retry "short" would never run). "long" (1000,
+    chunks of 480) would end its second chunk 40 before the end: vLLM trims it to 472, and
+    the step's budget counts 472, what vLLM took, not dcpp's 480."""
+    ours, ex, budget = dcpp_only(model_dir, tmp_path, monkeypatch,
+                                 cls=under_dcpp_recording_vllms_hook())
+    if not hasattr(ours, "num_prefill_lookahead"):
+        from dcpp.integration.vllm.vllm_compat import vllm_version
+
+        pytest.skip(f"vLLM {vllm_version()}'s Scheduler has no num_prefill_lookahead")
+    ours.num_prefill_lookahead = LOOKAHEAD
+    ours.hook_calls = []
+    ours.add_request(fixed_request("long", 1000, 480, t=0.0))
+    ours.add_request(fixed_request("short", 40, 16, t=1.0))
+    steps = []
+    while ours.has_unfinished_requests():
+        ours.hook_calls.clear()
+        out, prefills, events = step_checked(ours, ex, budget)
+        steps.append((prefills, events, list(ours.hook_calls)))
+        answer(ours, out)
+        assert len(steps) < 10
+    assert [s[0] for s in steps] == [{"long": 480, "short": 40}, {"long": 472}, {"long": 48}]
+    # Step 0: "short" asked with dcpp's 16 (refused), then with vLLM's 40; 40 committed.
+    assert steps[0][2] == [("long", 480, 480), ("short", 16, 0), ("short", 40, 40)]
+    assert steps[0][1] == [("commit", "long", 480), ("commit", "short", 40)]
+    # Step 1: dcpp's 480 trimmed by vLLM, no retry (vLLM's answer is not 0); 472 committed.
+    assert steps[1][2] == [("long", 480, 472)]
+    assert steps[1][1] == [("commit", "long", 472)]
+    assert ours.dcpp.chunk_log["long"] == [480, 472, 48]
+    assert ours.dcpp.chunk_log["short"] == [40]
+    assert not any(budget.stale)
+    assert len(ours.dcpp.requests) == 0
+
+
+def test_records_go_when_requests_finish_or_are_aborted(model_dir, tmp_path, monkeypatch):
+    """Every request vLLM frees loses its dcpp record: one that finished, one aborted mid
+    prefill (running), one aborted while waiting after a preemption (a preempted request
+    keeps its record until then)."""
+    from vllm.v1.request import RequestStatus
+
+    ours, ex, budget = dcpp_only(model_dir, tmp_path, monkeypatch, num_blocks=SMALL_CACHE)
+    rt = ours.dcpp
+    ours.add_request(fixed_request("done", 100, 64, t=0.0))
+    ours.add_request(fixed_request("a", 2100, 512, t=1.0))
+    ours.add_request(fixed_request("b", 1024, 256, t=2.0))
+    out, prefills, _ = step_checked(ours, ex, budget)
+    assert prefills == {"done": 64, "a": 512, "b": 256}
+    answer(ours, out)
+    out, prefills, _ = step_checked(ours, ex, budget)
+    assert prefills == {"done": 36, "a": 512, "b": 256}
+    answer(ours, out)  # "done" sampled its one token: finished, freed
+    assert "done" not in ours.requests and "done" not in rt.requests
+    assert rt.chunk_log["done"] == [64, 36]  # the log outlives the record
+    out, prefills, _ = step_checked(ours, ex, budget)  # "b" preempts itself (as above)
+    assert prefills == {"a": 512} and out.preempted_req_ids == {"b"}
+    answer(ours, out)
+    assert {r.request_id for r in rt.requests} == {"a", "b"}  # "b" waits, its record kept
+    ours.finish_requests("b", RequestStatus.FINISHED_ABORTED)  # aborted while waiting
+    assert {r.request_id for r in rt.requests} == {"a"}
+    out, prefills, _ = step_checked(ours, ex, budget)
+    assert prefills == {"a": 512}
+    answer(ours, out)
+    assert ours.requests["a"].num_computed_tokens == 2048 < 2100  # still prefilling
+    ours.finish_requests(["a"], RequestStatus.FINISHED_ABORTED)  # aborted mid prefill
+    assert not ours.has_unfinished_requests()
+    assert len(rt.requests) == 0
+    assert not any(budget.stale)
+
+
+def test_a_low_priority_request_that_preempts_itself_leaves_the_steps_budget(
+        model_dir, tmp_path, monkeypatch):
+    """PRIORITY, the victim is the request being scheduled: "low" (first in the running
+    queue) is granted, finds no KV blocks and is itself the lowest-priority running request,
+    so vLLM preempts it. vLLM 0.33 then goes on to "high" after it (`continue`), which dcpp
+    sizes with "low"'s grant already gone; 0.32 stops the step there (`break`)."""
+    ours, ex, budget = dcpp_only(model_dir, tmp_path, monkeypatch, policy="priority",
+                                 num_blocks=101)  # 100 usable blocks
+    ours.add_request(fixed_request("low", 1536, 512, priority=1, t=0.0))
+    out, prefills, _ = step_checked(ours, ex, budget)
+    answer(ours, out)
+    # "high"'s whole prompt (33 blocks) fits beside "low"'s 64 when it is admitted...
+    ours.add_request(fixed_request("high", 520, 512, priority=0, t=1.0))
+    steps = [(prefills, [])]
+    while ours.has_unfinished_requests():
+        out, prefills, events = step_checked(ours, ex, budget)
+        steps.append((prefills, events))
+        answer(ours, out)
+        assert len(steps) < 30
+    assert steps[1] == ({"low": 512, "high": 512},
+                        [("commit", "low", 512), ("commit", "high", 512)])
+    # ...and then "low"'s next 32 blocks do not (4 left): "low" preempts itself.
+    if defers_refused_waiting():  # vLLM 0.33: "high" is scheduled after it in the same step
+        assert steps[2] == ({"high": 8}, [("commit", "low", 512), ("uncommit", "low", 512),
+                                          ("commit", "high", 8)])
+    else:  # vLLM 0.32: the running loop ends; "high" runs in the next step
+        assert steps[2] == ({}, [("commit", "low", 512), ("uncommit", "low", 512)])
+        assert steps[3][0] == {"high": 8}
+    assert ours.dcpp.chunk_log["low"] == [512, 512] + [512] * 3
+    assert ours.dcpp.chunk_log["high"] == [512, 8]
+    # 0.32, step 3: "low", waiting, is sized beside "high" and finds no room for its whole
+    # prompt (`scheduler_reserve_full_isl`): the waiting loop ends on its grant.
+    stale = {i: st for i, st in enumerate(budget.stale) if st}
+    assert stale == ({} if defers_refused_waiting() else {3: {"low": 512}})
+    assert len(ours.dcpp.requests) == 0
