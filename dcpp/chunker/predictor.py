@@ -1,12 +1,24 @@
-"""`ChunkPredictor`: the scheduler's question "how many tokens of this prompt next?".
+"""`ChunkPredictor`: whole chunk plans for one engine (one budget, pipeline depth and mode).
 
-The scheduler knows only (history, remaining) of a request. Stateless modes ("equal_time",
-"static") answer with one closed-form rule per call. "pipeline" plans the whole remaining
-prompt once (a few ms for long prompts), caches every boundary of the plan under
-(history, total), and answers later calls by lookup, so the amortised cost per call stays
-well under a millisecond. A call at a history that is not a cached boundary (the scheduler
-ran a smaller chunk, or a prefix-cache hit) re-plans from there. While no latency model is
-available the answer is vLLM's static size.
+`plan(prompt_len, history)` is the plan of a prompt's tokens after `history` computed ones,
+by the mode's rule (`planner.default_plan`: "pipeline" the cheapest of dcpp's pipeline-aware,
+equal-time, static and, where the shape matters, coarse-DP plans; "equal_time" vllm-ascend's
+rule; "static" vLLM's fixed chunks), or the static plan while no latency model is available.
+`opens_with_budget` says, without planning, whether a "pipeline" plan provably starts with a
+budget-sized chunk. These two are all the serving path asks: `dcpp.online.runtime.DcppRuntime`
+keeps one predictor per mode on the engine's `PlanningModel`, and
+`dcpp.online.chunk_sizer.ChunkSizer` keeps each request's plan (on its `RequestState`),
+continues it after trims and keeps the step's budget.
+
+`next_chunk(history, remaining)` answers one chunk at a time from the same plans: each plan's
+boundaries are cached under (history, total), so a walk over a prompt costs one plan, and a
+history off a cached boundary (a smaller chunk ran, a prefix-cache hit) re-plans from there;
+"equal_time" answers with the rule's closed form per call. Only the chunker tests and
+`benchmarks/plan_grid.py` call it.
+
+The model is asked of the `PlanningModel` (its one owner; a predictor built from a bare model
+owns one of its own), and what is derived from it (the equal-time target, the boundary cache)
+is dropped when its version moves.
 
 After a model update (online calibration) a prompt keeps its previous pipeline plan while that
 plan stays within `PLAN_HYSTERESIS` of the new optimum under the new model: refits on noisy step
