@@ -1,5 +1,7 @@
-"""The four request streams of `serve_load.py`: a single long prompt, variable lengths at
-concurrency 4, multi-turn conversations over a shared prefix, long prefills among chat at 16."""
+"""The request streams of `serve_load.py`: a single long prompt, variable lengths at
+concurrency 4, multi-turn conversations over a shared prefix, long prefills among chat at 16,
+short requests arriving behind a long prefill (head-of-line), and vLLM's own client
+(`vllm bench serve`, random dataset)."""
 
 from __future__ import annotations
 
@@ -30,11 +32,24 @@ class Scale:
     chat_hi: int = 1024
     chat_out: tuple[int, int] = (64, 128)
     long_out: int = 8
+    hol_long: int = 16384
+    hol_short: int = 8
+    hol_short_lo: int = 128
+    hol_short_hi: int = 512
+    hol_short_out: tuple[int, int] = (16, 32)
+    hol_window: tuple[float, float] = (0.05, 0.8)
+    """Short requests arrive evenly over this part of the long prompt's TTFT alone."""
+    rand_input_len: int = 6000
+    rand_range: float = 0.9
+    rand_output: int = 8
+    rand_prompts: int = 8
 
 
 QUICK = Scale(long_len=4096, var_lo=512, var_hi=4096, var_requests=4, prefix_len=2048,
               prefix_turns=2, turn_hi=512, turn_out=(8, 16), mixed_long=2, mixed_lo=1024,
-              mixed_hi=4096, mixed_chat=6, chat_hi=512, chat_out=(16, 32), long_out=4)
+              mixed_hi=4096, mixed_chat=6, chat_hi=512, chat_out=(16, 32), long_out=4,
+              hol_long=4096, hol_short=4, hol_short_out=(8, 16), rand_input_len=2000,
+              rand_output=4, rand_prompts=4)
 
 
 @dataclass
@@ -59,8 +74,16 @@ class Workload:
     name: str
     concurrency: int
     primary: str
-    """The metric that picks the best fixed chunk: TTFT alone, throughput under load."""
+    """The metric that picks the best fixed chunk: TTFT alone, throughput under load, the
+    short requests' TTFT p99 behind a long prefill."""
     describe: str
+    kind: str = "sessions"
+    """"sessions" (closed loop, `concurrency` clients), "hol" (timed arrivals and idle
+    references, `serve_rounds.run_hol`) or "vllm-client" (`vllm bench serve`)."""
+    dcpp_modes: tuple[str, ...] | None = None
+    """The dcpp server's modes this workload runs (None: all of them)."""
+    threshold_servers: bool = True
+    """Whether the `--long-prefill-token-threshold` servers run it too."""
 
 
 WORKLOADS = {
@@ -69,6 +92,12 @@ WORKLOADS = {
     "prefix-c4": Workload("prefix-c4", 4, "input_tput",
                           "4 clients, multi-turn over a shared prefix"),
     "mixed-c16": Workload("mixed-c16", 16, "input_tput", "16 clients, long prefills + chat"),
+    "hol": Workload("hol", 0, "short_ttft_p99",
+                    "short requests arriving while one long prompt prefills", kind="hol"),
+    "vllm-random": Workload("vllm-random", 4, "input_tput",
+                            "vLLM's own client: vllm bench serve --dataset-name random",
+                            kind="vllm-client", dcpp_modes=("off", "pipeline"),
+                            threshold_servers=False),
 }
 
 
@@ -108,9 +137,30 @@ def build_sessions(name: str, scale: Scale, seed: int) -> list[Session]:
                 for _ in range(s.mixed_chat)]
         order = rng.permutation(len(out))
         return [out[i] for i in order]
+    if name == "hol":
+        # The long prompt first, then the short ones in their order of arrival.
+        return [Session("long", [Turn(tokens(s.hol_long), s.long_out)])] + [
+            Session("short", [Turn(tokens(loguniform(s.hol_short_lo, s.hol_short_hi)),
+                                   between(s.hol_short_out))])
+            for _ in range(s.hol_short)]
+    if name == "vllm-random":
+        return []  # vLLM's client draws its own prompts (from the round's seed)
     raise ValueError(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
+
+
+def hol_arrivals(scale: Scale, long_alone_ttft: float) -> list[float]:
+    """Seconds after the long prompt's send at which the short requests are sent: evenly
+    over `Scale.hol_window` of the long prompt's TTFT alone (measured in the same round and
+    mode), so that every one arrives while the long prompt prefills."""
+    lo, hi = scale.hol_window
+    n = scale.hol_short
+    if n == 1:
+        return [lo * long_alone_ttft]
+    return [(lo + (hi - lo) * k / (n - 1)) * long_alone_ttft for k in range(n)]
 
 
 def max_prompt_len(scale: Scale) -> int:
     conv = scale.prefix_len + scale.prefix_turns * (scale.turn_hi + scale.turn_out[1])
-    return max(scale.long_len, scale.var_hi, scale.mixed_hi, scale.chat_hi, conv)
+    rand = math.ceil(scale.rand_input_len * (1 + scale.rand_range)) + scale.rand_output
+    return max(scale.long_len, scale.var_hi, scale.mixed_hi, scale.chat_hi, conv,
+               scale.hol_long, scale.hol_short_hi + scale.hol_short_out[1], rand)

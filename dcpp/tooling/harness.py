@@ -43,6 +43,56 @@ def tiny_llama(path: str | Path, *, layers: int, hidden: int, max_len: int) -> P
     return write_random_llama(path, config=cfg, seed=0)
 
 
+WORD_SPECIALS = ("<unk>", "<s>", "</s>")
+"""Ids 0, 1, 2 of `word_tokenizer`: the unknown word, and the checkpoint's BOS and EOS
+(transformers' Llama defaults, which `tiny_llama`'s config keeps)."""
+
+
+def word_tokenizer(path: str | Path, *, vocab_size: int | None = None) -> Path:
+    """A word-level tokenizer beside the checkpoint in ``path`` (written once; returns
+    ``path``), so that vLLM's server and client (``vllm bench serve --dataset-name random``)
+    run on the tiny model without ``--skip-tokenizer-init``.
+
+    Token id ``i`` >= 3 is the word ``w<i>``, ids 0-2 are `WORD_SPECIALS`; words are split on
+    whitespace (``tokenizers`` WordLevel with a WhitespaceSplit pre-tokenizer), so decoding
+    ids gives ``"w17 w3 ..."`` and encoding that text gives the same ids back, with no
+    special token added (``num_special_tokens_to_add() == 0``): a prompt of n ids is n
+    tokens on both sides. ``vocab_size`` defaults to the checkpoint's (``config.json``).
+    Saved with ``PreTrainedTokenizerFast.save_pretrained`` (``tokenizer.json``,
+    ``tokenizer_config.json``)."""
+    import json
+
+    path = Path(path)
+    cfg_file = path / "config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    if vocab_size is None:
+        if "vocab_size" not in cfg:
+            raise ValueError(f"no vocab_size: {cfg_file} missing or without it; pass "
+                             "vocab_size=")
+        vocab_size = int(cfg["vocab_size"])
+    if vocab_size <= len(WORD_SPECIALS):
+        raise ValueError(f"{vocab_size=}: needs room beyond the {len(WORD_SPECIALS)} "
+                         "special tokens")
+    for key, want in (("bos_token_id", 1), ("eos_token_id", 2)):
+        if cfg.get(key, want) != want:
+            raise ValueError(f"{cfg_file}: {key} is {cfg[key]}, the word tokenizer puts "
+                             f"{WORD_SPECIALS[want]} at {want}")
+    if (path / "tokenizer.json").is_file() and (path / "tokenizer_config.json").is_file():
+        return path
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(WORD_SPECIALS)}
+    vocab.update({f"w{i}": i for i in range(len(WORD_SPECIALS), vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=WORD_SPECIALS[0]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=WORD_SPECIALS[0],
+                                   bos_token=WORD_SPECIALS[1], eos_token=WORD_SPECIALS[2])
+    path.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(path))
+    return path
+
+
 def prompt_tokens(n: int, seed: int = 0) -> list[int]:
     """A fixed random prompt of ``n`` token ids (below the tiny model's vocab of 512)."""
     import torch

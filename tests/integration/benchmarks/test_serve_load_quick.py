@@ -1,7 +1,9 @@
 """`benchmarks/serve_load.py --quick` end to end: the real OpenAI server (PP=2, prefix caching,
-dcpp on) under concurrent streaming clients, every workload and every mode kind (vLLM's,
-dcpp's plans, a fixed chunk): every request completes and greedy outputs are identical across
-modes. Timings are not checked (performance lives in the benchmark's output, not in tests).
+dcpp on, the word-level tokenizer) under concurrent streaming clients and vLLM's own client
+(`vllm bench serve`, workload vllm-random), every workload and every mode kind (vLLM's,
+dcpp's plans, a fixed chunk) beside a plain vLLM server with `--long-prefill-token-threshold
+512`: every request completes and greedy outputs are identical across modes and servers.
+Timings are not checked (performance lives in the benchmark's output, not in tests).
 
 The benchmark starts the server as its child; whatever happens here (failure, timeout), the
 benchmark's whole process tree is stopped and reaped by PID.
@@ -26,7 +28,7 @@ pytestmark = [
 
 ROOT = Path(__file__).resolve().parents[3]
 SCRIPT = ROOT / "benchmarks" / "serve_load.py"
-TIMEOUT_S = 600  # the smoke takes < 3 min here; start-up alone can take 2 on a busy machine
+TIMEOUT_S = 1200  # ~5 min here (two servers); one start-up took ~4 min at load 10
 
 
 @pytest.fixture(scope="module")
@@ -66,32 +68,49 @@ def test_every_request_completes_with_identical_greedy_outputs(quick_run):
                                      for n, s in res["summary"].items()}
     assert r["rc"] == 0, r["log"][-3000:]
     for name, s in res["summary"].items():
-        for mode in res["modes"]:
+        for mode in s["modes"]:
             p = s["pooled"][mode]
             assert p["completed"] == p["requests"] > 0, (name, mode, p)
-        # Every mode's outputs were compared with vLLM's, request by request.
-        assert s["greedy_compared"] == (len(res["modes"]) - 1) * s["pooled"]["off"]["requests"]
+        # Every mode's outputs were compared with vLLM's, request by request (hol: the long
+        # prompt alone and the short requests idle too).
+        per_mode = s["pooled"]["off"]["requests"] * (2 if name == "hol" else 1)
+        assert s["greedy_compared"] == (len(s["modes"]) - 1) * per_mode
     assert not r["killed"], f"processes outlived the benchmark and were killed: {r['killed']}"
 
 
 def test_json_has_the_fields(quick_run):
     res = quick_run["json"]
     assert res is not None, quick_run["log"][-3000:]
-    assert set(res["summary"]) == {"single-long", "varlen-c4", "prefix-c4", "mixed-c16"}
-    assert res["modes"][:3] == ["off", "pipeline", "equal_time"]
-    assert any(m.startswith("fixed-") for m in res["modes"])
+    assert set(res["summary"]) == {"single-long", "varlen-c4", "prefix-c4", "mixed-c16",
+                                   "hol", "vllm-random"}
+    assert res["modes"] == ["off", "pipeline", "equal_time", "fixed-512", "lpt-512"]
+    assert [s["name"] for s in res["servers"]] == ["dcpp", "lpt-512"]
+    assert res["tokenizer"] and "--skip-tokenizer-init" not in res["server_cmd"]
     for name, s in res["summary"].items():
-        for mode in res["modes"]:
+        want = ["off", "pipeline"] if name == "vllm-random" else res["modes"]
+        assert s["modes"] == want, name
+        for mode in s["modes"]:
             p = s["pooled"][mode]
             for key in ("input_tput", "req_s", "ttft_p50", "ttft_p99", "itl_p50", "itl_p99",
                         "cached_fraction"):
                 assert isinstance(p[key], float) and p[key] == p[key], (name, mode, key, p)
             assert p["input_tput"] > 0 and p["ttft_p50"] > 0
-        for mode in res["modes"][1:]:
+        for mode in s["modes"][1:]:
             ratio = s["vs_off"][mode]["input_tput"]
             assert ratio["median"] > 0 and len(ratio["ci90"]) == 2
-        assert s["best_fixed"] in res["modes"]
-        assert "pipeline" in s["vs_best_fixed"]
+        if name != "vllm-random":
+            assert s["best_fixed"] == "fixed-512" and "pipeline" in s["vs_best_fixed"]
+            assert s["best_threshold"] == "lpt-512" and "pipeline" in s["vs_best_threshold"]
+    hol = res["summary"]["hol"]["hol"]
+    for mode in res["modes"]:
+        for key in ("short_vs_idle", "long_vs_alone"):
+            assert hol[mode][key]["median"] > 0, (mode, key, hol[mode])
+    # vLLM's own client ran both dcpp modes on the dcpp server.
+    rd = res["per_round"]["vllm-random"][0]
+    for mode in ("off", "pipeline"):
+        assert rd[mode]["client"]["cmd"][:4] == ["-m", "dcpp.integration.vllm.launch", "bench",
+                                                 "serve"]
+        assert rd[mode]["prompt_tokens"] > 0 and rd[mode]["ttft_p50"] > 0
     # The prefix workload reuses its shared prefix and earlier turns.
     assert res["summary"]["prefix-c4"]["pooled"]["off"]["cached_fraction"] > 0.3
     assert [h["workload"] for h in res["headline"]] == list(res["summary"])
@@ -99,3 +118,5 @@ def test_json_has_the_fields(quick_run):
     assert (quick_run["out"] / "serve_load_quick.png").stat().st_size > 0
     assert "dcpp: dynamic chunked prefill on" in (
         quick_run["out"] / "serve_load_quick_server.log").read_text()
+    assert "dcpp: dynamic chunked prefill on" not in (
+        quick_run["out"] / "serve_load_quick_server_lpt-512.log").read_text()
