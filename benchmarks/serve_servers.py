@@ -36,6 +36,8 @@ def round_order(modes: list, r: int) -> list:
     """Pairs of rounds run one order forward, then backward (A B C, C B A), so that a linear
     drift within the pair hits every mode alike; each pair starts one mode later (B C A, A C B,
     ...)."""
+    if not modes:
+        return []
     k = (r // 2) % len(modes)
     order = modes[k:] + modes[:k]
     return order[::-1] if r % 2 else order

@@ -10,18 +10,13 @@ from types import SimpleNamespace as NS
 import pytest
 
 from dcpp.online.stage_timing import step_is_timed
-from dcpp.tooling.fake_engine import (  # noqa: F401 - shared stand-ins
-    BUDGET,
-    FakeExecutor,
-    isolated_runtime,
-    req,
-    sched,
-    true_time,
-)
+from dcpp.tooling import fake_engine
+from dcpp.tooling.fake_engine import BUDGET, FakeExecutor, req, sched, true_time
 
 
 def runtime(tmp_path, monkeypatch, executor=None, **kw):
-    return isolated_runtime(monkeypatch, tmp_path, executor, **kw)
+    """The runtime under test: profile cache in `tmp_path`, driven as vLLM would."""
+    return fake_engine.isolated_runtime(monkeypatch, tmp_path, executor, **kw)
 
 
 def _run_interval_steps(rt, n, fn, start=0):

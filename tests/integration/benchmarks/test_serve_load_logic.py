@@ -128,6 +128,7 @@ def test_round_order_rotates_and_reverses():
 
     orders = [ss.round_order(["a", "b", "c"], r) for r in range(4)]
     assert orders == [["a", "b", "c"], ["c", "b", "a"], ["b", "c", "a"], ["a", "c", "b"]]
+    assert ss.round_order([], 3) == []  # a server with no mode for a workload
     assert ss.mode_xargs("lpt-512") is None
     assert ss.mode_xargs("fixed-256") == {"dcpp_chunk_size": 256}
     assert ss.mode_xargs("off") == {"dcpp_plan": "off"}
