@@ -251,10 +251,13 @@ class BubbleTracker:
         right after its prefill is measured); one whose prefill was cut short (aborted or
         stopped) is dropped, unmeasured."""
         ids = list(self._open) if request_ids is None else list(request_ids)
+        closed = False
         for rid in ids:
             if rid in self._open and self._open[rid].last is None:
                 self._close(rid, measured=False)
-        self._settle()
+                closed = True
+        if closed:  # every freed request comes here: settle only when a window went
+            self._settle()
 
     def reset(self) -> None:
         """Timing went off: nothing open can be measured any more."""

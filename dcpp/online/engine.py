@@ -7,7 +7,7 @@ objects; nothing here imports an engine.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,9 +43,9 @@ class StartupProfile:
     """What the profile (and the calibration saved beside it) is valid for."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Scheduled:
-    """One request of a step the engine just scheduled."""
+class Scheduled(NamedTuple):
+    """One request of a step the engine just scheduled (a tuple: one is made per request and
+    step on the scheduler's hot path)."""
 
     request_id: str
     tokens: int
