@@ -88,7 +88,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/plan_grid.py
 
 # Serving under load (issue 13): the OpenAI server (PP=2, prefix caching, dcpp on) under
-# concurrent streaming clients; vLLM's chunking vs dcpp vs fixed chunks, ~16 min on 2 cores.
+# concurrent streaming clients; vLLM's chunking vs dcpp vs fixed chunks vs
+# --long-prefill-token-threshold servers, plus the head-of-line workload and vLLM's own
+# client (an estimated hour on 2 cores; the four original workloads alone took ~16 min).
 # Its --quick smoke runs in `make test` (tests/integration/benchmarks/test_serve_load_quick.py).
 .PHONY: bench-load
 bench-load: $(STAMP)
