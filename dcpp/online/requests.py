@@ -84,9 +84,6 @@ class RequestTable:
     def __len__(self) -> int:
         return len(self._live)
 
-    def __contains__(self, request_id: str) -> bool:
-        return request_id in self._live
-
     def __iter__(self) -> Iterator[RequestState]:
         return iter(list(self._live.values()))
 

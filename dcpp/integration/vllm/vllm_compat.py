@@ -196,9 +196,6 @@ def step_token_budget(scheduler: Any) -> int:
     return int(scheduler.max_num_scheduled_tokens)
 
 
-def live_request(scheduler: Any, request_id: str) -> Any | None:
-    """The scheduler's request `request_id` (None once it is gone)."""
-    return scheduler.requests.get(request_id)
 
 
 def in_process_scheduler(llm: Any) -> Any:
@@ -210,9 +207,6 @@ def shutdown_engine_core(llm: Any) -> None:
     llm.llm_engine.engine_core.shutdown()
 
 
-def request_num_tokens(request: Any) -> int:
-    """Tokens of the request so far: prompt plus outputs (a resumed request re-prefills them)."""
-    return int(request.num_tokens)
 
 
 def pending_prefills(scheduler: Any) -> list[tuple[str, int, int]]:
