@@ -38,7 +38,7 @@ import numpy as np
 
 from dcpp.chunker.latency_model import HistoryLatencyModel
 from dcpp.chunker.planner import (PlanSpec, default_plan, dp_default_plan, equal_time_plan,
-                                  fit_applies, lower_bound, optimal_plan, plan_cost, static_plan)
+                                  ramp_applies, lower_bound, optimal_plan, plan_cost, static_plan)
 from dcpp.chunker.predictor import ChunkPredictor
 from dcpp.chunker.simulate import simulate
 from dcpp.config import ProfilingChunkConfig
@@ -201,7 +201,7 @@ def fitted_grid(models: dict, lengths=FITTED_LENGTHS, limits=FITTED_LIMITS,
 def random_grid(count: int, seed: int = 0) -> dict:
     """``count`` random models (each shape the "full" fit allows: kappa = alpha - beta/2 of
     either sign, alpha = 0, delta = 0, the ascend and causal-with-prefix forms), limits and
-    histories: new/old ratios per search `default_plan` takes (`fit_applies`)."""
+    histories: new/old ratios per search `default_plan` takes (`ramp_applies`)."""
     from dcpp.chunker.latency_model import HistoryLatencyModel as H
 
     rng = np.random.default_rng(seed)
@@ -219,7 +219,7 @@ def random_grid(count: int, seed: int = 0) -> dict:
                         num_stages=int(rng.integers(2, 9)),
                         min_chunk=int(rng.integers(1, budget + 1)), page_size=page)
         n, h0 = int(rng.integers(1, 400_000)), int(rng.choice([0, 0, 4096, 100_000]))
-        path = fit_applies(model, n, spec, h0)
+        path = ramp_applies(model, n, spec, h0)
         if path == "rule" and not float(model.delta) and model.is_telescoping:
             continue
         p = spec.num_stages

@@ -169,54 +169,54 @@ def plan_1m(model_dir, stage=None) -> dict:
 def plan_cost(model, repeats: int = 5, planner=None) -> dict:
     """`default_plan` (or ``planner``, e.g. `dp_default_plan`: the planner before issue 20)
     from scratch under ``model`` for every length in PLAN_LENGTHS and P in PLAN_STAGES,
-    ``repeats`` times each: median and p99 ms over all of them (and per length), and the
-    tight and rule passes per plan (`TightFit.passes`, `Rule.sweep` calls)."""
+    ``repeats`` rounds over the grid: median, p99 and largest ms over all plans, the median
+    of each round's median (and the range of those: how much the machine moved it), per
+    length, and the prices (`RampPlan.price`) and rule passes (`Rule.sweep`) per plan."""
     from dcpp.chunker import rule as rule_mod
-    from dcpp.chunker.planner import PlanSpec, default_plan, fit_applies
+    from dcpp.chunker.planner import PlanSpec, default_plan, ramp_applies
+    from dcpp.chunker.ramp import RampPlan
 
     default_plan = planner or default_plan
+    counts = {"passes": 0}
+    price, sweep = RampPlan.price, rule_mod.Rule.sweep
 
-    counts = {"tight": 0, "rule": 0}
-    run, sweep = rule_mod.TightFit.run, rule_mod.Rule.sweep
-
-    def counted_run(fit, *a, **k):
-        counts["tight"] += not k.get("keep")
-        return run(fit, *a, **k)
+    def counted_price(rp, m):
+        counts["passes"] += 1
+        return price(rp, m)
 
     def counted_sweep(r, *a, **k):
-        counts["rule"] += 1
+        counts["passes"] += 1
         return sweep(r, *a, **k)
 
-    times, by_len, passes, paths, cells = [], {}, [], set(), []
-    for n in PLAN_LENGTHS:
-        for p in PLAN_STAGES:
-            spec = PlanSpec(max_num_batched_tokens=BUDGET, max_model_len=MAX_LEN, num_stages=p,
-                            min_chunk=MIN_CHUNK, page_size=16)
-            paths.add(fit_applies(model, n, spec))
-            cells.append([])
-            for i in range(repeats + 1):
-                counts["tight"] = counts["rule"] = 0
-                rule_mod.TightFit.run, rule_mod.Rule.sweep = counted_run, counted_sweep
-                try:
-                    default_plan(model, n, spec)  # counted, untimed
-                finally:
-                    rule_mod.TightFit.run, rule_mod.Rule.sweep = run, sweep
-                if i == 0:
-                    passes.append(counts["tight"] + counts["rule"])
-                    continue
-                t0 = time.perf_counter()
-                default_plan(model, n, spec)
-                dt = 1e3 * (time.perf_counter() - t0)
-                times.append(dt)
-                cells[-1].append(dt)
-                by_len.setdefault(n, []).append(dt)
-    # Per cell the fastest of its repeats: what planning costs without interference from the
-    # rest of a shared machine (its median and largest over the cells).
-    fastest = [min(cell) for cell in cells]
+    cells = [(n, p) for n in PLAN_LENGTHS for p in PLAN_STAGES]
+    specs = {p: PlanSpec(max_num_batched_tokens=BUDGET, max_model_len=MAX_LEN, num_stages=p,
+                         min_chunk=MIN_CHUNK, page_size=16) for p in PLAN_STAGES}
+    passes, paths = [], set()
+    for n, p in cells:  # counted, untimed (and warms the code)
+        paths.add(ramp_applies(model, n, specs[p]))
+        counts["passes"] = 0
+        RampPlan.price, rule_mod.Rule.sweep = counted_price, counted_sweep
+        try:
+            default_plan(model, n, specs[p])
+        finally:
+            RampPlan.price, rule_mod.Rule.sweep = price, sweep
+        passes.append(counts["passes"])
+    times, by_len, round_medians = [], {}, []
+    for _ in range(repeats):
+        this = []
+        for n, p in cells:
+            t0 = time.perf_counter()
+            default_plan(model, n, specs[p])
+            dt = 1e3 * (time.perf_counter() - t0)
+            this.append(dt)
+            by_len.setdefault(n, []).append(dt)
+        times += this
+        round_medians.append(statistics.median(this))
     return {"median_ms": pct(np.asarray(times) / 1e3, 50), "p99_ms": pct(np.asarray(times) / 1e3, 99),
-            "max_ms": max(times), "fastest_median_ms": statistics.median(fastest),
-            "fastest_max_ms": max(fastest), "passes_median": statistics.median(passes),
-            "passes_max": max(passes), "search": sorted(paths),
+            "max_ms": max(times), "round_median_ms": statistics.median(round_medians),
+            "round_median_range_ms": [min(round_medians), max(round_medians)],
+            "passes_median": statistics.median(passes), "passes_max": max(passes),
+            "search": sorted(paths),
             "by_length_ms": {str(n): [statistics.median(v), max(v)] for n, v in by_len.items()}}
 
 
@@ -275,8 +275,8 @@ def main(argv=None) -> int:
         print(f"plan cost ({name}, default_plan from scratch, {len(PLAN_LENGTHS)} lengths 3k-1M x "
               f"P {'/'.join(map(str, PLAN_STAGES))} x {args.plan_repeats}): median "
               f"{pc['median_ms']:.3f} ms, p99 {pc['p99_ms']:.3f} ms, max {pc['max_ms']:.3f} ms "
-              f"(fastest of the repeats per cell: median {pc['fastest_median_ms']:.3f}, max "
-              f"{pc['fastest_max_ms']:.3f} ms); "
+              f"(median of the rounds' medians {pc['round_median_ms']:.3f} ms, rounds "
+              f"{pc['round_median_range_ms'][0]:.3f}-{pc['round_median_range_ms'][1]:.3f}); "
               f"passes per plan median {pc['passes_median']:g}, max {pc['passes_max']} "
               f"(search: {', '.join(pc['search'])})\n   per length median/max ms: {lens}")
         if args.previous:
@@ -286,8 +286,8 @@ def main(argv=None) -> int:
             lens = ", ".join(f"{int(n) // 1024}k {v[0]:.2f}/{v[1]:.2f}"
                              for n, v in pp["by_length_ms"].items())
             print(f"  before issue 20 (dp_default_plan): median {pp['median_ms']:.3f} ms, p99 "
-                  f"{pp['p99_ms']:.3f} ms, max {pp['max_ms']:.3f} ms (fastest per cell: median "
-                  f"{pp['fastest_median_ms']:.3f}, max {pp['fastest_max_ms']:.3f} ms)"
+                  f"{pp['p99_ms']:.3f} ms, max {pp['max_ms']:.3f} ms (rounds' medians "
+                  f"{pp['round_median_range_ms'][0]:.3f}-{pp['round_median_range_ms'][1]:.3f} ms)"
                   f"\n   per length median/max ms: {lens}")
     first = out["models"][args.models[0]]
     for key in ("runs", "plan_1m"):

@@ -10,16 +10,12 @@ model of the whole forward (t) and of one stage (t/P) give the same plans.
   counts K around the lower bound's best K, the smallest target giving K chunks (equal-time K
   chunks), walking while the objective improves (more chunks shrink the fill/drain term, each
   costs the fixed step cost c); a few rule passes (median 6 for 16k-32k tokens, 5 at 1M).
-* `default_plan`: the best of static, equal-time and, where the work telescopes (or a high
-  floor leaves the sizes little room), the pipeline plan, otherwise the fitted plan
-  (`fit_plan`), under the model, so never worse than equal-time; the fitted search costs
-  about what the pipeline search does (a few to ~35 passes of about a rule pass each, no DP;
-  `fit_applies` says which search runs).
-* `fit_plan`: where the work depends on the chunking (beta != 2*alpha, delta > 0), the shape
-  of the DP optimum (`rule.TightFit`): free chunks in front (a ramp of the sizes minimising
-  the summed time), tight ones from the end (as large as a cap on the step time allows),
-  searched over that cap; `dp_default_plan` is the planner before it (a coarse DP, 15-35 ms)
-  kept for comparison.
+* `default_plan`: the best of static, equal-time and, where the work telescopes, the pipeline
+  plan, otherwise (beta != 2*alpha or delta > 0: every fit seen so far) the free-then-tight
+  plan (`ramp_search.ramp_plan`: the optimal plan's shape under a cap on the step time, a
+  golden-section search over that cap, <= 14 prices of a few dozen closed-form steps each),
+  under the model, so never worse than equal-time. `dp_default_plan` is the planner before
+  (the pipeline search plus a coarse DP, 15-35 ms), kept as the reference.
 * `optimal_plan`: TeraPipe-style DP: for a cap M on chunk time, the least ``sum(s)`` over an
   aligned token grid; the best ``S(M) + (P-1)*max`` over M, found by branch and bound.
 * `lower_bound`: ``min_K L(K) + (P-1) * M(K)`` with relaxations of a K-chunk plan's summed
@@ -36,14 +32,17 @@ import math
 from dcpp.chunker.bounds import bound_argmin, bound_with_steps_below, lower_bound
 from dcpp.chunker.latency_model import HistoryLatencyModel
 from dcpp.chunker.optimal import optimal_plan
-from dcpp.chunker.rule import (ALIGN_MIN, PlanSpec, Rule, TightFit, check_prompt,
-                               equal_time_plan, equal_time_target, plan_cost, rule_chunk,
-                               rule_plan, stage_times, static_plan)
+from dcpp.chunker.ramp import free_size
+from dcpp.chunker.ramp_search import ramp_plan
+from dcpp.chunker.rule import (ALIGN_MIN, PlanSpec, Rule, check_prompt, equal_time_plan,
+                               equal_time_target, plan_cost, rule_chunk, rule_plan,
+                               stage_times, static_plan)
 
-__all__ = ["ALIGN_MIN", "PlanSpec", "Rule", "TightFit", "check_prompt", "default_plan",
-           "dp_default_plan", "equal_time_plan", "equal_time_target", "fit_applies", "fit_plan",
-           "lower_bound", "opens_with_budget", "optimal_plan", "pipeline_plan", "plan_cost",
-           "rule_chunk", "rule_plan", "search_rtol", "stage_times", "static_plan"]
+__all__ = ["ALIGN_MIN", "PlanSpec", "Rule", "check_prompt", "default_plan", "dp_default_plan",
+           "equal_time_plan", "ramp_applies",
+           "equal_time_target", "lower_bound", "opens_with_budget", "optimal_plan",
+           "pipeline_plan", "plan_cost", "rule_chunk", "rule_plan", "search_rtol",
+           "stage_times", "static_plan"]
 
 DEFAULT_DP_POINTS = 256
 """Grid boundaries of the coarse DP candidate in `default_plan`."""
@@ -281,8 +280,8 @@ def opens_with_budget(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpe
     end)) and the last at most t(B, end): a K-chunk one has L(K) <= (K - 1) * T + t(B, end),
     which holds only from some K_B on (the left side shrinks faster), and costs at least
     min over K >= K_B of the bound. If the first pass (which starts with B) is cheaper, the
-    search's answer starts with B; so does the static plan, and where the work depends on the
-    chunking (the fitted search, or the coarse DP, may run) this says no."""
+    search's answer starts with B; so does the static plan, and where the ramp search (or the coarse DP)
+    may run this says no."""
     b, p1 = spec.max_num_batched_tokens, spec.num_stages - 1
     if (spec.smooth_factor != 1 or spec.cap != b or p1 == 0 or prompt_len <= 2 * b
             or -(-prompt_len // b) >= -(-prompt_len // spec.floor)):
@@ -303,8 +302,8 @@ def opens_with_budget(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpe
 def default_plan(model: HistoryLatencyModel | None, prompt_len: int, spec: PlanSpec,
                  history: int = 0, mode: str = "pipeline") -> list[int]:
     """dcpp's plan for ``mode`` ("pipeline" | "equal_time" | "static"). "pipeline" returns the
-    cheapest of the static and equal-time plans and, where the work telescopes, the pipeline
-    plan (`pipeline_plan`), otherwise the fitted plan (`fit_plan`)."""
+    cheapest under the model of the static and equal-time plans and, where the work
+    telescopes, the pipeline plan, otherwise the free-then-tight plan (`ramp_applies`)."""
     if model is None or mode == "static" or spec.smooth_factor == 0:
         return static_plan(prompt_len, spec, history)
     if mode == "equal_time":
@@ -316,11 +315,11 @@ def default_plan(model: HistoryLatencyModel | None, prompt_len: int, spec: PlanS
     rule = Rule(model, spec, 0.0)
     _, work, top = rule.static_terms(prompt_len, history)
     cands = [(static_plan(prompt_len, spec, history), work + p1 * top)]
-    path = fit_applies(model, prompt_len, spec, history, work)
-    if path == "fit":
-        # The work depends on the chunking (prefix term delta, beta != 2*alpha): equal-time
-        # chunks are not the best shape for a chunk count; the fitted family is (`TightFit`).
-        cands.append(_fit_search(model, prompt_len, spec, history))
+    path = ramp_applies(model, prompt_len, spec, history, work)
+    if path == "ramp":
+        plan, obj, _ = ramp_plan(model, prompt_len, spec, history)
+        if plan:
+            cands.append((plan, obj))
         rule.target = equal_time_target(model, spec)  # never worse than equal-time
         plan, _, tot, mx = rule.sweep(prompt_len, history)
         cands.append((plan, tot + p1 * mx))
@@ -331,12 +330,35 @@ def default_plan(model: HistoryLatencyModel | None, prompt_len: int, spec: PlanS
     return min((c for c in cands if c[0]), key=lambda pc: (pc[1], len(pc[0])))[0]
 
 
+def ramp_applies(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
+                 history: int = 0, work: float | None = None) -> str:
+    """Which search `default_plan` runs beside the static and equal-time plans: "rule" (the
+    pipeline search) where the work telescopes (`_chunking_matters`) or sigma < 1 (the rule's
+    smoothed family is the plan asked for); "ramp" (`ramp_plan`) where it does not and the
+    limits lie on the alignment grid, unless the floor exceeds the free size
+    (`ramp.free_size`) at the prompt's end; "dp" (the pipeline search and the coarse DP,
+    15-35 ms) there and for budgets below the alignment. ``work``: the static plan's summed
+    time."""
+    if work is None:
+        work = Rule(model, spec, 0.0).static_terms(prompt_len, history)[1]
+    if spec.smooth_factor != 1 or not _chunking_matters(model, prompt_len, spec, history, work):
+        return "rule"
+    if spec.cap % spec.align or spec.floor % spec.align:
+        return "dp"
+    # Where the floor exceeds the free size up to the prompt's end, every free chunk sits at
+    # the floor and the junction's leftover is up to a floor chunk: on the limits' grid with
+    # min_chunk 4096 the shape was up to 17% worse than the DP at 12k tokens.
+    if spec.floor > free_size(model, history + prompt_len):
+        return "dp"
+    return "ramp"
+
+
 def dp_default_plan(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
                     history: int = 0) -> list[int]:
-    """`default_plan` ("pipeline") as it was before the fitted plans: the cheapest of the
-    pipeline search, the static plan and, where chunking moves the work, a coarse DP
-    (`optimal_plan` on <= `DEFAULT_DP_POINTS` boundaries, 15-35 ms). Kept as the reference the
-    fitted plans are compared with (tests, benchmarks/plan_grid.py)."""
+    """`default_plan` ("pipeline") before issue 20: the cheapest of the pipeline search, the
+    static plan and, where chunking moves the work, a coarse DP (`optimal_plan` on <=
+    `DEFAULT_DP_POINTS` boundaries, 15-35 ms). The reference the ramp plans are compared with
+    (tests, benchmarks)."""
     if spec.smooth_factor == 0:
         return static_plan(prompt_len, spec, history)
     check_prompt(prompt_len, history, spec)
@@ -357,249 +379,6 @@ def _coarse_dp(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
     except ValueError:
         return [], math.inf  # no plan on the coarse grid fits the limits
     return dp, plan_cost(model, dp, spec.num_stages, history)
-
-
-def fit_applies(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec, history: int = 0,
-                work: float | None = None) -> str:
-    """Which search `default_plan` adds to the static plan: "fit" (`_fit_search`) where the
-    work depends on the chunking (`_chunking_matters`), sigma = 1 and the limits are on the
-    grid with room between floor and cap (floor <= `FIT_MAX_FLOOR` * cap); "rule" (the
-    pipeline search) where the work telescopes or a high floor leaves the sizes little room
-    (the rule's counts and tails matter more than the shape there); "dp" (the pipeline search
-    and the coarse DP, 15-35 ms) where the work depends on the chunking but the limits are off
-    the grid (budgets below the alignment). ``work``: the static plan's summed time."""
-    if work is None:
-        work = Rule(model, spec, 0.0).static_terms(prompt_len, history)[1]
-    if spec.smooth_factor != 1 or not _chunking_matters(model, prompt_len, spec, history, work):
-        return "rule"
-    if not (spec.cap >= spec.align and spec.cap % spec.align == 0 and spec.floor % spec.align == 0):
-        return "dp"
-    return "fit" if spec.floor <= FIT_MAX_FLOOR * spec.cap else "rule"
-
-
-FIT_MAX_FLOOR = 0.5
-"""The fitted family needs room between the floor and the cap (on random models with floors
-above half the cap it was up to 6% worse than the rule, below it within 0.7% of the DP)."""
-
-FIT_BRACKET = (0.9, 2.2)
-"""`_fit_search` looks for the cap on the tight chunks between these multiples of
-`_fit_start`'s mean step (the best plan's largest step was 1.05-1.9 times it on the grid of
-fitted models x 3k-1M tokens x P 2-8)..."""
-
-FIT_SMALL_K = 12
-"""... up to this many chunks (`_fit_start`'s count), where the objective is ragged on that
-scale (a few plans per chunk's worth of cap, 1/K), ..."""
-
-FIT_SMALL_BRACKET = (1.0, 1.7)
-"""... these multiples of the mean step (1.05-1.6 on the grid for such prompts), ..."""
-
-FIT_SMALL_SHARE = 0.3
-"""... in steps of this share of a chunk's worth (a pass costs ~K steps: cheap here), then
-like the others (`FIT_LOCAL_PASSES`)."""
-
-FIT_COARSE_TOL = 0.01
-"""Above FIT_SMALL_K chunks by Brent's method on the cap's logarithm (smooth on that scale)
-to this precision..."""
-
-FIT_COARSE_PASSES = 8
-"""... in at most this many passes, ..."""
-
-FIT_LOCAL_PASSES = 3
-"""... then this many distinct tight passes on each side of its best (the objective is ragged
-within a chunk's worth of cap)."""
-
-FIT_LARGE_K = 64
-"""From this many chunks on, the front's shape and the rounding move the objective little:
-candidates only near the crossing (`FIT_LARGE_NEAR`), `FIT_LARGE_PASSES` Brent passes and no
-local scan."""
-
-FIT_LARGE_NEAR = 0.95
-
-FIT_POLISH_K = 12
-"""Plans of at most this many chunks get `TightFit.polish` (their end effects weigh most)..."""
-
-FIT_POLISH_ROUNDS = 3
-"""... up to this many times (while it improves), within two units of the plan's boundaries
-up to `FIT_POLISH_WIDE_K` chunks, else one."""
-
-FIT_POLISH_WIDE_K = 6
-
-FIT_LARGE_PASSES = 4
-
-_PHI = (math.sqrt(5.0) - 1.0) / 2.0
-
-
-def _brent(f, a: float, b: float, tol: float, max_evals: int) -> None:
-    """Brent's minimisation of ``f`` on [a, b] (parabolic steps, golden-section fallback) to
-    an absolute precision ``tol`` in at most ``max_evals`` evaluations; ``f`` keeps the best
-    point itself."""
-    cg = 1.0 - _PHI
-    x = w = v = a + cg * (b - a)
-    fx = fw = fv = f(x)
-    d = e = 0.0
-    for _ in range(max_evals - 1):
-        m = 0.5 * (a + b)
-        if abs(x - m) <= 2.0 * tol - 0.5 * (b - a):
-            return
-        p = q = r = 0.0
-        if abs(e) > tol and fx < math.inf and fw < math.inf and fv < math.inf:
-            r = (x - w) * (fx - fv)
-            q = (x - v) * (fx - fw)
-            p = (x - v) * q - (x - w) * r
-            q = 2.0 * (q - r)
-            if q > 0:
-                p = -p
-            q = abs(q)
-            r, e = e, d
-        if abs(p) < abs(0.5 * q * r) and q * (a - x) < p < q * (b - x):
-            d = p / q
-            if x + d - a < 2.0 * tol or b - x - d < 2.0 * tol:
-                d = tol if x < m else -tol
-        else:
-            e = (b if x < m else a) - x
-            d = cg * e
-        u = x + (d if abs(d) >= tol else (tol if d > 0 else -tol))
-        fu = f(u)
-        if fu <= fx:
-            if u < x:
-                b = x
-            else:
-                a = x
-            v, w, x = w, x, u
-            fv, fw, fx = fw, fx, fu
-        else:
-            if u < x:
-                a = u
-            else:
-                b = u
-            if fu <= fw or w == x:
-                v, w = w, u
-                fv, fw = fw, fu
-            elif fu <= fv or v == x or v == w:
-                v, fv = u, fu
-
-
-def fit_plan(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
-             history: int = 0) -> list[int]:
-    """The best plan of the fitted family (`TightFit`: free chunks in front, tight ones from
-    the end) that `_fit_search` finds; needs sigma = 1 and limits on the grid (`fit_applies`)."""
-    check_prompt(prompt_len, history, spec)
-    return _fit_search(model, prompt_len, spec, history)[0]
-
-
-def _fit_start(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
-               history: int) -> tuple[int, float]:
-    """(K, mean step) of the best equal-chunk plan: K chunks of N/K sum to
-    T0 + kappa*N^2/K + delta*(K*H0 + N*(K-1)/2) + K*c; minimised with the pipeline term
-    (P-1) * sum / K over K by ternary search (convex in K)."""
-    n, h0, m = float(prompt_len), float(history), model
-    p1 = spec.num_stages - 1
-    fixed = 0.5 * m.beta * ((h0 + n) ** 2 - h0 * h0) + m.gamma * n
-    kap = m.alpha - 0.5 * m.beta
-
-    def work(k: int) -> float:
-        return fixed + kap * n * n / k + m.delta * (k * h0 + 0.5 * n * (k - 1)) + k * m.c
-
-    def f(k: int) -> float:
-        w = work(k)
-        return w + p1 * w / k
-
-    lo = -(-prompt_len // spec.max_num_batched_tokens)
-    hi = max(lo, prompt_len // spec.floor + 1)
-    while hi - lo > 2:
-        k1, k2 = lo + (hi - lo) // 3, hi - (hi - lo) // 3
-        if f(k1) <= f(k2):
-            hi = k2
-        else:
-            lo = k1
-    k = min(range(lo, hi + 1), key=f)
-    return k, work(k) / k
-
-
-def _fit_search(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
-                history: int, fit: TightFit | None = None) -> tuple[list[int], float]:
-    """(plan, objective) of the fitted family: the best of its plans over the cap m on the
-    tight chunks, a scan (few chunks) or Brent's method and a local scan (see the FIT_*
-    constants): 10-27 tight passes (`TightFit.passes`) from 3k to 30k tokens, 5 beyond, and
-    at most ~500 front-table steps (`TightFit.table_steps`); no numpy. ``fit`` (tests): the
-    `TightFit` to search with."""
-    fit = fit if fit is not None else TightFit(model, spec, prompt_len, history)
-    b = spec.max_num_batched_tokens
-    end = history + prompt_len
-    m_hi = float(model.predict_time(min(b, prompt_len), end - min(b, prompt_len)))
-    m_lo = min(float(model.predict_time(spec.floor, history + max(0, prompt_len - spec.cap - b))),
-               m_hi) * 0.999
-    x_lo, x_hi = math.log(m_lo), math.log(m_hi)
-    k0, m0 = _fit_start(model, prompt_len, spec, history)
-    best = [math.inf, m_hi, None]  # objective, cap, key
-    memo: dict[float, float] = {}
-    table = not fit.steep
-
-    def run(x: float) -> float:
-        x = min(max(x, x_lo), x_hi)
-        if x not in memo:
-            f, key, _ = fit.run(math.exp(x), table=table)
-            memo[x] = f
-            if f < best[0]:
-                best[:] = [f, math.exp(x), key]
-        return memo[x]
-
-    def walk(x: float, up: bool, steps: int, stop: float) -> None:
-        """From cap e^x through the next ``steps`` caps that change the tight pass (each
-        pass knows the caps that give the same pass, `TightFit.window`)."""
-        for _ in range(steps):
-            run(x)
-            lo_m, hi_m = fit.window
-            if up:
-                if not hi_m < math.inf:
-                    return
-                x = max(math.log(hi_m) + 1e-9, x + 1e-9)
-                if x > stop:
-                    return
-            else:
-                if not lo_m > 0:
-                    return
-                x = min(math.log(lo_m) - 1e-9, x - 1e-9)
-                if x < stop:
-                    return
-
-    if k0 <= FIT_SMALL_K:
-        # Few chunks: the objective is ragged on the scale of the bracket; scan it, then
-        # visit the distinct passes next to the best.
-        x = max(math.log(m0 * FIT_SMALL_BRACKET[0]), x_lo)
-        top, step = min(math.log(m0 * FIT_SMALL_BRACKET[1]), x_hi), math.log1p(FIT_SMALL_SHARE / k0)
-        while x <= top + 1e-12:
-            run(x)
-            x += step
-        if best[2] is not None:
-            x0 = math.log(best[1])
-            walk(x0, True, FIT_LOCAL_PASSES + 1, x_hi)
-            walk(x0, False, FIT_LOCAL_PASSES + 1, x_lo)
-    else:
-        large = k0 > FIT_LARGE_K
-        if large:
-            fit.near = FIT_LARGE_NEAR
-        lo = min(max(math.log(m0 * FIT_BRACKET[0]), x_lo), x_hi)
-        hi = max(min(math.log(m0 * FIT_BRACKET[1]), x_hi), lo)
-        _brent(run, lo, hi, FIT_COARSE_TOL, FIT_LARGE_PASSES if large else FIT_COARSE_PASSES)
-        if best[2] is not None and not large:
-            # The neighbouring passes (the objective is ragged within a chunk's worth of cap).
-            x0 = math.log(best[1])
-            walk(x0, True, FIT_LOCAL_PASSES + 1, x_hi)
-            walk(x0, False, FIT_LOCAL_PASSES + 1, x_lo)
-    if best[2] is None:
-        return [], math.inf
-    plan = fit.plan(best[1], best[2])
-    cost = fit.cost(plan)
-    if len(plan) <= FIT_POLISH_K:
-        radius = 2 if len(plan) <= FIT_POLISH_WIDE_K else 1
-        for _ in range(FIT_POLISH_ROUNDS):  # each round moves boundaries by up to a radius
-            new = fit.polish(plan, radius)
-            new_cost = fit.cost(new)
-            if not new_cost < cost:
-                break
-            plan, cost = new, new_cost
-    return plan, cost
 
 
 def _chunking_matters(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,

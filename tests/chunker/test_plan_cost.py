@@ -1,16 +1,16 @@
 """Planning cost for every model form the fit returns (issue 20, item 3): counted, not timed.
 
 `default_plan` used to add a coarse DP (`optimal_plan`, 15-35 ms) whenever the work depends on
-the chunking (beta != 2*alpha or delta > 0: every fit seen so far). It now searches the fitted
-family (`TightFit`) instead. These tests count what a plan costs (tight passes, rule passes,
-front-table steps, no DP) for the three forms at 3k, 16k, 128k and 1M tokens and P = 2, 4, 8,
-and compare the plans with the previous planner (`dp_default_plan`) on a grid.
+the chunking (beta != 2*alpha or delta > 0: every fit seen so far). It now searches the cap on
+the step time of the free-then-tight plan (`ramp.RampPlan`, `ramp_search.ramp_plan`). These
+tests count what a plan costs (prices, the closed-form steps they walk, rule passes, no DP)
+for the three forms at 3k-1M tokens and P = 2, 4, 8, check that every priced plan is valid
+and priced exactly, and compare the plans with the previous planner (`dp_default_plan`).
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 
 import numpy as np
 import pytest
@@ -20,9 +20,10 @@ from hypothesis import strategies as st
 from dcpp.chunker import planner
 from dcpp.chunker import rule as rule_mod
 from dcpp.chunker.latency_model import HistoryLatencyModel
-from dcpp.chunker.planner import (PlanSpec, default_plan, dp_default_plan, equal_time_plan,
-                                  fit_applies, plan_cost)
-from dcpp.chunker.rule import TightFit
+from dcpp.chunker.planner import (PlanSpec, default_plan, dp_default_plan, plan_cost,
+                                  ramp_applies)
+from dcpp.chunker.ramp import RampPlan
+from dcpp.chunker.ramp_search import MAX_PRICES
 
 # The demo's cached profile (form "full", per stage), its least-squares fit in the "ascend" form
 # (beta = alpha, delta = gamma; chunks 256-4096 x histories 0-16k, as in
@@ -31,7 +32,6 @@ from dcpp.chunker.rule import TightFit
 FULL = HistoryLatencyModel(2.37e-8, 3.02e-8, 1.94e-5, 4.9e-7, 3.5e-3)
 ASCEND = HistoryLatencyModel(3.0062e-8, 3.0062e-8, 7.0226e-7, 7.0226e-7, 7.9725e-3)
 CAUSAL = HistoryLatencyModel(2e-9, 4e-9, 2e-6, 0.0, 2e-3)
-FORMS = {"full": FULL, "ascend": ASCEND, "causal": CAUSAL}
 
 LENGTHS = (3072, 16384, 131072, (1 << 20) - 1)
 STAGES = (2, 4, 8)
@@ -43,20 +43,19 @@ def _spec(p: int, budget: int = 2048, min_chunk: int = 256) -> PlanSpec:
 
 
 class _Counts:
-    """Tight passes, rule passes and front-table (+ polish) steps of the plans made while
-    installed; any call of the DP fails the test."""
+    """Prices, their steps and rule passes of the plans made while installed; any call of
+    the DP fails the test."""
 
     def __init__(self, monkeypatch):
-        self.tight = self.rule = self.steps = 0
-        run, sweep = TightFit.run, rule_mod.Rule.sweep
+        self.prices = self.steps = self.rule = 0
+        price, sweep = RampPlan.price, rule_mod.Rule.sweep
         counts = self
 
-        def counted_run(fit, *args, **kwargs):
-            before = fit.table_steps
-            out = run(fit, *args, **kwargs)
-            if not kwargs.get("keep"):  # `TightFit.plan` re-runs the chosen pass
-                counts.tight += 1
-            counts.steps += fit.table_steps - before
+        def counted_price(rp, m):
+            before = rp.steps
+            out = price(rp, m)
+            counts.prices += 1
+            counts.steps += rp.steps - before
             return out
 
         def counted_sweep(self_, *args, **kwargs):
@@ -66,54 +65,41 @@ class _Counts:
         def no_dp(*args, **kwargs):
             raise AssertionError("default_plan ran the DP")
 
-        monkeypatch.setattr(TightFit, "run", counted_run)
+        monkeypatch.setattr(RampPlan, "price", counted_price)
         monkeypatch.setattr(rule_mod.Rule, "sweep", counted_sweep)
         monkeypatch.setattr(planner, "optimal_plan", no_dp)
-        polish = TightFit.polish
-
-        def counted_polish(fit, plan, *args):
-            before = fit.table_steps
-            out = polish(fit, plan, *args)
-            counts.steps += fit.table_steps - before
-            return out
-
-        monkeypatch.setattr(TightFit, "polish", counted_polish)
 
     def reset(self):
-        self.tight = self.rule = self.steps = 0
+        self.prices = self.steps = self.rule = 0
 
 
-@pytest.mark.parametrize("form", ["full", "ascend"])
-def test_fitted_forms_plan_with_few_passes_and_no_dp(monkeypatch, form):
-    # What makes planning these forms fast: a bounded number of tight passes (each about as
-    # costly as one rule pass: a step per run of equal chunks), one rule pass (the equal-time
-    # plan), a few hundred front-table steps, and no DP (which took 15-35 ms).
-    model = FORMS[form]
+@pytest.mark.parametrize("model", [FULL, ASCEND], ids=["full", "ascend"])
+def test_fitted_forms_plan_with_few_prices_and_no_dp(monkeypatch, model):
+    # What makes planning these forms fast: at most MAX_PRICES prices, each a few dozen
+    # closed-form steps whatever the length (runs of equal chunks), one rule pass (the
+    # equal-time plan), no DP (which took 15-35 ms).
     counts = _Counts(monkeypatch)
     for n, p in itertools.product(LENGTHS, STAGES):
         spec = _spec(p)
-        assert fit_applies(model, n, spec) == "fit"
+        assert ramp_applies(model, n, spec) == "ramp"
         counts.reset()
         plan = default_plan(model, n, spec)
         assert sum(plan) == n
-        # Few chunks (3k): a scan of cheap passes; 16k: Brent's method + a local scan;
-        # long prompts: 4 Brent passes.
-        most = {3072: 36, 16384: 16, 131072: 6, (1 << 20) - 1: 6}[n]
-        assert counts.tight <= most, (form, n, p, counts.tight)
-        assert counts.rule == 1, (form, n, p, counts.rule)  # the equal-time plan
-        assert counts.steps <= 1200, (form, n, p, counts.steps)
+        assert counts.prices <= MAX_PRICES, (n, p, counts.prices)
+        assert counts.steps <= 60 * counts.prices, (n, p, counts.steps)
+        assert counts.rule == 1, (n, p, counts.rule)
 
 
 def test_causal_form_keeps_the_pipeline_search(monkeypatch):
-    # The telescoping form plans as before (the same plans, `test_planner`): the pipeline
-    # search's rule passes, no tight passes, no DP.
+    # The telescoping form plans as before: the pipeline search's rule passes, no prices, no
+    # DP, and the same plans as the previous planner.
     counts = _Counts(monkeypatch)
     for n, p in itertools.product(LENGTHS, STAGES):
         spec = _spec(p)
-        assert fit_applies(CAUSAL, n, spec) == "rule"
+        assert ramp_applies(CAUSAL, n, spec) == "rule"
         counts.reset()
         default_plan(CAUSAL, n, spec)
-        assert counts.tight == 0 and counts.rule <= 30, (n, p, counts.rule)
+        assert counts.prices == 0 and counts.rule <= 30, (n, p, counts.rule)
 
 
 def test_telescoping_plans_are_the_previous_planners():
@@ -122,34 +108,42 @@ def test_telescoping_plans_are_the_previous_planners():
         assert default_plan(CAUSAL, n, spec) == dp_default_plan(CAUSAL, n, spec)
 
 
-def _ratios(models, lengths, stages, specs):
+def _ratios(models, lengths, stages, limits, history=0):
     out = []
-    for model, n, p, (budget, min_chunk) in itertools.product(models, lengths, stages, specs):
+    for model, n, p, (budget, min_chunk) in itertools.product(models, lengths, stages, limits):
         if n <= budget:
             continue
         spec = _spec(p, budget, min_chunk)
-        new = plan_cost(model, default_plan(model, n, spec), p)
-        out.append(new / plan_cost(model, dp_default_plan(model, n, spec), p))
+        new = plan_cost(model, default_plan(model, n, spec, history), p, history)
+        out.append(new / plan_cost(model, dp_default_plan(model, n, spec, history), p, history))
     return np.array(out)
 
 
 def test_fitted_plans_against_the_previous_planner_on_a_grid():
     # The previous planner's coarse DP is exact on the 64-token grid up to 16k tokens (within
-    # its own 1e-3 branch-and-bound tolerance) and coarser beyond: the fitted plans match it
-    # within that tolerance on short prompts and beat it on long ones.
-    r = _ratios([FULL, ASCEND], (3072, 8192, 12288, 16384, 32768, 131072, (1 << 20) - 1),
-                STAGES, ((2048, 256), (4096, 256)))
+    # its 1e-3 branch-and-bound tolerance) and coarser beyond: the ramp plans are within 0.5%
+    # of it on short prompts and beat it on long ones.
+    r = _ratios([FULL, ASCEND], (3072, 8192, 16384, 32768, 131072), STAGES,
+                ((2048, 256), (4096, 256)))
     assert np.median(r) <= 1.0
-    assert r.max() <= 1.0015, r.max()
-    long_r = _ratios([FULL, ASCEND], (131072, (1 << 20) - 1), STAGES, ((2048, 256),))
-    assert long_r.max() < 0.9998, long_r  # 0.03-1% better: 64-token chunks, not a coarse grid
+    assert r.max() <= 1.005, r.max()
+    long_r = _ratios([FULL, ASCEND], (131072,), STAGES, ((2048, 256),))
+    assert long_r.max() < 0.999, long_r
 
 
-def test_fitted_plans_with_the_default_floor():
-    # min_chunk 4096 (the config's default) beside budgets of 8k-32k: floor and cap close.
-    r = _ratios([FULL, ASCEND], (12288, 32768, 131072, (1 << 20) - 1), STAGES,
-                ((8192, 4096), (16384, 4096), (32768, 4096)))
-    assert np.median(r) <= 1.0 and r.max() <= 1.002, r.max()
+def test_fitted_plans_with_a_history():
+    r = _ratios([FULL, ASCEND], (12288, 32768, 131072), STAGES, ((2048, 256), (4096, 512)),
+                history=4096)
+    assert np.median(r) <= 1.0 and r.max() <= 1.005, r.max()
+
+
+def test_floors_above_the_free_size_keep_the_dp():
+    # min_chunk 4096 (the config's default) is above these models' free sizes (~0.6-3k
+    # tokens): every free chunk would sit at the floor, so the previous planner runs.
+    for model, n, p in itertools.product([FULL, ASCEND], (12288, 131072), STAGES):
+        spec = _spec(p, 8192, 4096)
+        assert ramp_applies(model, n, spec, 4096) == "dp"
+        assert default_plan(model, n, spec, 4096) == dp_default_plan(model, n, spec, 4096)
 
 
 models = st.builds(
@@ -163,54 +157,24 @@ models = st.builds(
 @given(model=models, p=st.integers(2, 8), budget_units=st.integers(4, 64),
        floor_units=st.integers(1, 32), n=st.integers(1, 300_000),
        h0=st.sampled_from([0, 4096, 100_000]), page=st.sampled_from([16, 64, 128]))
-def test_tight_fit_plans_are_valid_and_priced_exactly(model, p, budget_units, floor_units, n,
-                                                      h0, page):
-    # Every candidate the passes price is a plan within the limits, priced in closed form
-    # (runs of equal chunks in one step) as `plan_cost` prices it chunk by chunk.
+def test_ramp_plans_are_valid_and_priced_exactly(model, p, budget_units, floor_units, n, h0,
+                                                 page):
+    # Every plan a price builds (kappa of either sign, floors up to the cap) is within the
+    # limits and priced in closed form as `plan_cost` prices it chunk by chunk.
     align = max(page, 64)
     spec = PlanSpec(max_num_batched_tokens=align * budget_units, max_model_len=10**7,
                     num_stages=p, min_chunk=align * min(floor_units, budget_units),
                     page_size=page)
-    fit = TightFit(model, spec, n, h0)
-    top = float(model.predict_time(spec.max_num_batched_tokens, h0 + n))
-    for m in np.geomspace(float(model.predict_time(spec.floor, h0)), top, 7):
-        for table in (False, True):
-            f, key, _ = fit.run(float(m), table=table)
-            if key is None:
-                continue
-            plan = fit.plan(float(m), key)
-            assert sum(plan) == n and 1 <= plan[-1] <= spec.max_num_batched_tokens
-            for c in plan[:-1]:
-                assert c % spec.align == 0 and spec.floor <= c <= spec.cap, (c, spec, plan)
-            cost = plan_cost(model, plan, p, h0)
-            if not 0 < key[2] < 10**6:  # (a ramp front is priced before its rounding)
-                assert f == pytest.approx(cost, rel=1e-9)
-            assert fit.cost(plan) == pytest.approx(cost, rel=1e-12)
-
-
-def _brute_band(model, plan, p, h0, spec):
-    """The best plan with plan's chunk count, boundaries within one unit of plan's."""
-    bnd = np.cumsum([h0] + plan)
-    best = (math.inf, None)
-    for offs in itertools.product((-1, 0, 1), repeat=len(plan) - 1):
-        pos = [h0] + [int(b + o * spec.align) for b, o in zip(bnd[1:-1], offs)] + [int(bnd[-1])]
-        cand = [b - a for a, b in zip(pos, pos[1:])]
-        if any(not spec.floor <= c <= spec.cap for c in cand[:-1]):
+    rp = RampPlan(model, spec, n, h0)
+    top = float(model.predict_time(min(n, spec.max_num_batched_tokens), h0 + n))
+    for m in np.geomspace(0.5 * float(model.predict_time(1, h0)), top, 9):
+        f, key = rp.price(float(m))
+        if key is None:
             continue
-        if not 1 <= cand[-1] <= spec.max_num_batched_tokens:
-            continue
-        best = min(best, (plan_cost(model, cand, p, h0), cand), key=lambda x: x[0])
-    return best
-
-
-@pytest.mark.parametrize("model", [FULL, ASCEND], ids=["full", "ascend"])
-@pytest.mark.parametrize("n,p,h0", [(3072, 8, 0), (4000, 2, 0), (4500, 4, 4096)])
-def test_polish_is_the_best_plan_in_its_band(model, n, p, h0):
-    spec = _spec(p, min_chunk=512)
-    start = equal_time_plan(model, n, spec, h0)
-    assert len(start) <= 9  # 3^8 plans to compare with
-    fit = TightFit(model, spec, n, h0)
-    got = fit.polish(start)
-    want, _ = _brute_band(model, start, p, h0, spec)
-    assert plan_cost(model, got, p, h0) == pytest.approx(want, rel=1e-12)
-    assert plan_cost(model, got, p, h0) <= plan_cost(model, start, p, h0)
+        plan = rp.plan(key)
+        assert sum(plan) == n and 1 <= plan[-1] <= spec.max_num_batched_tokens
+        for c in plan[:-1]:
+            assert c % spec.align == 0 and spec.floor <= c <= spec.cap, (c, spec, plan)
+        cost = plan_cost(model, plan, p, h0)
+        assert f == pytest.approx(cost, rel=1e-9)
+    assert sum(default_plan(model, n, spec, h0)) == n
