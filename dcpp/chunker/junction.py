@@ -33,7 +33,8 @@ def best_junction(rp, i: int, j: int, back: Runs, x_t: int, sums: list,
                   lasts: list) -> tuple[float, tuple]:
     """(objective, key) of the cheapest way to join the free prefix (i, j) of ``rp`` (a
     `RampPlan`) to the tight runs ``back`` starting at x_t, whose runs take ``sums`` in all
-    and ``lasts`` at their last chunk (seconds; see the module)."""
+    and ``lasts`` at their last chunk (seconds; see the module); its largest step goes to
+    ``rp.top``."""
     al, floor, cap, p1 = rp.align, rp.floor, rp.cap, rp.p1
     tot_f, mx_f, x_f = rp.front_terms(i, j)
     tot_b = sum(sums)  # per run of the tight ones, the largest step from it on:
@@ -44,18 +45,22 @@ def best_junction(rp, i: int, j: int, back: Runs, x_t: int, sums: list,
     mx_b = suffix_mx[0] if suffix_mx else 0.0
     r = x_t - x_f
     if r == 0:
-        return tot_f + tot_b + p1 * max(mx_f, mx_b), (i, j, [], back)
+        rp.top = max(mx_f, mx_b)
+        return tot_f + tot_b + p1 * rp.top, (i, j, [], back)
     best_f, best_key = math.inf, None
 
-    def consider(f: float, key: tuple) -> None:
+    def consider(work: float, top: float, key: tuple) -> None:
+        """A way with summed time ``work`` and largest step ``top`` (seconds)."""
         nonlocal best_f, best_key
+        f = work + p1 * top
         if f < best_f:
             best_f, best_key = f, key
+            rp.top = top
 
     u = r // al
     if r >= floor:  # own
         s, last = rp.run_times(r, x_f, 1)
-        consider(tot_f + s + tot_b + p1 * max(mx_f, last, mx_b), (i, j, [(r, 1)], back))
+        consider(tot_f + s + tot_b, max(mx_f, last, mx_b), (i, j, [(r, 1)], back))
     nf = len(rp.fc)
     if nf:
         c_next = rp.fc[i] if i < nf else cap
@@ -85,7 +90,7 @@ def best_junction(rp, i: int, j: int, back: Runs, x_t: int, sums: list,
                 d_s += s
                 mx = max(mx, last)
             mid = [(c + step, n) for c, n in tail] + extra
-            consider(tot_f + d_s + tot_b + p1 * max(m0, mx, mx_b), (i2, j2, mid, back))
+            consider(tot_f + d_s + tot_b, max(m0, mx, mx_b), (i2, j2, mid, back))
         k_pref = rp.fk[i] + j if i < nf else 0
         k = min(u, k_pref)
         grow_start = _start_head(rp, i, j, k) if k else None
@@ -98,7 +103,7 @@ def best_junction(rp, i: int, j: int, back: Runs, x_t: int, sums: list,
             k_rest = k_pref - k
             tot_rest = tot_f - t0 + r * (rp.b * (x_f - x0) + rp.d * k_rest)
             mx_rest = mx_f + ((rp.b * _last_c(rp, i, j) + rp.d) * r if k_rest else 0.0)
-            consider(s + tot_rest + tot_b + p1 * max(mx, mx_rest, mx_b), (-1, mid, (i, j), back))
+            consider(s + tot_rest + tot_b, max(mx, mx_rest, mx_b), (-1, mid, (i, j), back))
     body = len(back) - 1  # the last run is the plan's last chunk: not changed
     for grow, units, lead in ((True, u, []), (False, (floor - r) // al, [(floor, 1)])):
         if not grow and r >= floor:
@@ -119,7 +124,7 @@ def best_junction(rp, i: int, j: int, back: Runs, x_t: int, sums: list,
         s, mx, _ = rp.price_runs(new_head, x_f)
         rest = ([(c_k, n_k)] if n_k else []) + back[k + 1:]
         mx_rest = suffix_mx[k] if n_k else suffix_mx[k + 1]
-        consider(tot_f + s + tot_b - old + p1 * max(mx_f, mx, mx_rest),
+        consider(tot_f + s + tot_b - old, max(mx_f, mx, mx_rest),
                  (i, j, new_head, rest))
     last = back[-1][0]
     if best_key is None or last < floor:
@@ -130,7 +135,7 @@ def best_junction(rp, i: int, j: int, back: Runs, x_t: int, sums: list,
                 continue
             shifted = lead + back[:-1] + [(c_last, 1)]
             s, mx, _ = rp.price_runs(shifted, x0)
-            consider(tot_f + s + p1 * max(mx_f, mx), (i, j, [], shifted))
+            consider(tot_f + s, max(mx_f, mx), (i, j, [], shifted))
     return best_f, best_key
 
 

@@ -56,7 +56,7 @@ class RampPlan:
     counts the calls and ``steps`` the runs they walked (tests count these, not wall time)."""
 
     __slots__ = ("a", "b", "g", "d", "c0", "kap", "p1", "h0", "end", "budget", "cap", "floor",
-                 "align", "prices", "steps", "fx", "fc", "fn", "ftot", "fk")
+                 "align", "prices", "steps", "top", "fx", "fc", "fn", "ftot", "fk")
 
     def __init__(self, model: HistoryLatencyModel, spec: PlanSpec, prompt_len: int,
                  history: int) -> None:
@@ -68,6 +68,8 @@ class RampPlan:
         self.budget, self.cap, self.floor, self.align = (spec.max_num_batched_tokens, spec.cap,
                                                          spec.floor, spec.align)
         self.prices = self.steps = 0
+        self.top = math.inf
+        """The largest step (seconds) of the plan the last `price` chose."""
         self._free_runs()
 
     # --- sizes ----------------------------------------------------------------------------

@@ -3,8 +3,10 @@ where the work depends on the chunking (beta != 2*alpha or delta > 0).
 
 The objective as a function of the cap M is smooth and unimodal on log M for long prompts
 (many chunks, the junction's rounding a small share) and ragged on a scale of a few percent of
-M for short ones: Brent's method on log M over [0.9 t(floor, end), t(budget, end)] to
-`SEARCH_TOL`, then one cap on each side of the best at `LOCAL_SHARE` of it. A price
+M for short ones. Caps above the loosest plan's largest step all give that plan (a plateau),
+so the search runs on log M over [0.9 t(floor, end), that step]: Brent's method to
+`SEARCH_TOL` (on each half for short prompts), then one cap on each side of the best at
+`LOCAL_SHARE` of it. A price
 costs tens of closed-form steps (`RampPlan.steps`), so a plan costs `MAX_PRICES` of them at
 most whatever the prompt's length.
 """
@@ -21,7 +23,7 @@ SEARCH_TOL = 0.02
 """Brent's method stops when it brackets the best log M to within about this (near the optimum
 a 3% move of M changed the objective by < 1e-4 on the fitted models' grid)..."""
 
-SEARCH_PRICES = 8
+SEARCH_PRICES = 7
 """... or after this many prices, ..."""
 
 LOCAL_SHARE = 0.012
@@ -31,12 +33,12 @@ is ragged on that scale)."""
 SHORT_CHUNKS = 32
 """Prompts of at most this many floor chunks (the objective ragged on log M) ..."""
 
-SHORT_PRICES = 7
+SHORT_PRICES = 6
 """... get a Brent search of this many prices on each half of the bracket (their prices are
 cheap: few runs)."""
 
-MAX_PRICES = max(SEARCH_PRICES, 2 * SHORT_PRICES) + 2
-"""Most prices one plan runs."""
+MAX_PRICES = 1 + max(SEARCH_PRICES, 2 * SHORT_PRICES) + 2
+"""Most prices one plan runs (the loosest cap, the search, the two local caps)."""
 
 _CG = (3.0 - math.sqrt(5.0)) / 2.0  # golden-section step
 
@@ -111,6 +113,12 @@ def ramp_plan(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
         return memo[x]
 
     lo, hi = math.log(m_lo), math.log(max(m_hi, m_lo))
+    if rp.p1 and hi - lo > SEARCH_TOL:
+        # Caps above the loosest plan's largest step give that same plan (a plateau Brent's
+        # method would wander on): search below it.
+        f(hi)
+        if rp.top < m_hi:
+            hi = max(lo, math.log(rp.top))
     if rp.p1 == 0 or hi - lo <= SEARCH_TOL:
         f(hi)  # no pipeline term (or no room): the loosest cap
     elif prompt_len <= SHORT_CHUNKS * spec.floor:
