@@ -95,7 +95,8 @@ def best_junction(rp, i: int, j: int, back: Runs, x_t: int, sums: list,
         k = min(u, k_pref)
         grow_start = _start_head(rp, i, j, k) if k else None
         q, extra = divmod(u, k) if k else (0, 0)
-        if grow_start is not None and max(c for c, _ in grow_start[2]) + (q + (extra > 0)) * al <= cap:
+        if (grow_start is not None
+                and max(c for c, _ in grow_start[2]) + (q + (extra > 0)) * al <= cap):
             i2, j2, head = grow_start  # the head ends where free prefix (i2, j2) ends
             t0, m0, x0 = rp.front_terms(i2, j2)
             mid = _add_units(head, q, extra, al)

@@ -280,8 +280,8 @@ def opens_with_budget(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpe
     end)) and the last at most t(B, end): a K-chunk one has L(K) <= (K - 1) * T + t(B, end),
     which holds only from some K_B on (the left side shrinks faster), and costs at least
     min over K >= K_B of the bound. If the first pass (which starts with B) is cheaper, the
-    search's answer starts with B; so does the static plan, and where the ramp search (or the coarse DP)
-    may run this says no."""
+    search's answer starts with B; so does the static plan, and where the ramp search (or
+    the coarse DP) may run this says no."""
     b, p1 = spec.max_num_batched_tokens, spec.num_stages - 1
     if (spec.smooth_factor != 1 or spec.cap != b or p1 == 0 or prompt_len <= 2 * b
             or -(-prompt_len // b) >= -(-prompt_len // spec.floor)):
@@ -345,9 +345,8 @@ def ramp_applies(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
         return "rule"
     if spec.cap % spec.align or spec.floor % spec.align:
         return "dp"
-    # Where the floor exceeds the free size up to the prompt's end, every free chunk sits at
-    # the floor and the junction's leftover is up to a floor chunk: on the limits' grid with
-    # min_chunk 4096 the shape was up to 17% worse than the DP at 12k tokens.
+    # A floor above the free size to the prompt's end puts every free chunk at the floor
+    # (min_chunk 4096 here: up to 17% worse than the DP at 12k tokens).
     if spec.floor > free_size(model, history + prompt_len):
         return "dp"
     return "ramp"
@@ -395,6 +394,6 @@ def _chunking_matters(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpe
 
 
 DP_WORTH = 1e-3
-"""Smallest share of a prompt's work that chunking must be able to move for `default_plan` to
-try the coarse DP (a few to tens of ms per long prompt)."""
+"""Smallest share of a prompt's work that chunking must move for `default_plan` to leave the
+pipeline search (for the ramp plans or the coarse DP)."""
 

@@ -82,7 +82,8 @@ class RampPlan:
         if self.kap <= 0:
             return math.inf
         hd = 0.5 * self.d
-        return (hd + math.sqrt(hd * hd + 4.0 * self.kap * (self.c0 + self.d * x))) / (2.0 * self.kap)
+        root = math.sqrt(hd * hd + 4.0 * self.kap * (self.c0 + self.d * x))
+        return (hd + root) / (2.0 * self.kap)
 
     def free_below(self, u: float) -> float:
         """The starts x with F(x) < u are those below this (F grows with x)."""

@@ -6,9 +6,8 @@ The objective as a function of the cap M is smooth and unimodal on log M for lon
 M for short ones. Caps above the loosest plan's largest step all give that plan (a plateau),
 so the search runs on log M over [0.9 t(floor, end), that step]: Brent's method to
 `SEARCH_TOL` (on each half for short prompts), then one cap on each side of the best at
-`LOCAL_SHARE` of it. A price
-costs tens of closed-form steps (`RampPlan.steps`), so a plan costs `MAX_PRICES` of them at
-most whatever the prompt's length.
+`LOCAL_SHARE` of it. A price costs tens of closed-form steps (`RampPlan.steps`), so a plan
+costs at most `MAX_PRICES` of them whatever the prompt's length.
 """
 
 from __future__ import annotations
