@@ -10,8 +10,12 @@ model of the whole forward (t) and of one stage (t/P) give the same plans.
   counts K around the lower bound's best K, the smallest target giving K chunks (equal-time K
   chunks), walking while the objective improves (more chunks shrink the fill/drain term, each
   costs the fixed step cost c); a few rule passes (median 6 for 16k-32k tokens, 5 at 1M).
-* `default_plan`: the best of pipeline, equal-time and static (and, for models whose work
-  depends on the chunking, a coarse DP) under the model, so never worse than equal-time.
+* `default_plan`: the best of static, equal-time and, where the work telescopes, the pipeline
+  plan, otherwise (beta != 2*alpha or delta > 0: every fit seen so far) the free-then-tight
+  plan (`ramp_search.ramp_plan`: the optimal plan's shape under a cap on the step time, a
+  golden-section search over that cap, <= 14 prices of a few dozen closed-form steps each),
+  under the model, so never worse than equal-time. `dp_default_plan` is the planner before
+  (the pipeline search plus a coarse DP, 15-35 ms), kept as the reference.
 * `optimal_plan`: TeraPipe-style DP: for a cap M on chunk time, the least ``sum(s)`` over an
   aligned token grid; the best ``S(M) + (P-1)*max`` over M, found by branch and bound.
 * `lower_bound`: ``min_K L(K) + (P-1) * M(K)`` with relaxations of a K-chunk plan's summed
@@ -28,11 +32,14 @@ import math
 from dcpp.chunker.bounds import bound_argmin, bound_with_steps_below, lower_bound
 from dcpp.chunker.latency_model import HistoryLatencyModel
 from dcpp.chunker.optimal import optimal_plan
+from dcpp.chunker.ramp import free_size
+from dcpp.chunker.ramp_search import ramp_plan
 from dcpp.chunker.rule import (ALIGN_MIN, PlanSpec, Rule, check_prompt, equal_time_plan,
                                equal_time_target, plan_cost, rule_chunk, rule_plan,
                                stage_times, static_plan)
 
-__all__ = ["ALIGN_MIN", "PlanSpec", "Rule", "check_prompt", "default_plan", "equal_time_plan",
+__all__ = ["ALIGN_MIN", "PlanSpec", "Rule", "check_prompt", "default_plan", "dp_default_plan",
+           "equal_time_plan", "ramp_applies",
            "equal_time_target", "lower_bound", "opens_with_budget", "optimal_plan",
            "pipeline_plan", "plan_cost", "rule_chunk", "rule_plan", "search_rtol",
            "stage_times", "static_plan"]
@@ -273,8 +280,8 @@ def opens_with_budget(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpe
     end)) and the last at most t(B, end): a K-chunk one has L(K) <= (K - 1) * T + t(B, end),
     which holds only from some K_B on (the left side shrinks faster), and costs at least
     min over K >= K_B of the bound. If the first pass (which starts with B) is cheaper, the
-    search's answer starts with B; so does the static plan, and where the coarse DP may run
-    this says no."""
+    search's answer starts with B; so does the static plan, and where the ramp search (or
+    the coarse DP) may run this says no."""
     b, p1 = spec.max_num_batched_tokens, spec.num_stages - 1
     if (spec.smooth_factor != 1 or spec.cap != b or p1 == 0 or prompt_len <= 2 * b
             or -(-prompt_len // b) >= -(-prompt_len // spec.floor)):
@@ -295,7 +302,8 @@ def opens_with_budget(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpe
 def default_plan(model: HistoryLatencyModel | None, prompt_len: int, spec: PlanSpec,
                  history: int = 0, mode: str = "pipeline") -> list[int]:
     """dcpp's plan for ``mode`` ("pipeline" | "equal_time" | "static"). "pipeline" returns the
-    cheapest of the pipeline, equal-time and static plans under the model."""
+    cheapest under the model of the static and equal-time plans and, where the work
+    telescopes, the pipeline plan, otherwise the free-then-tight plan (`ramp_applies`)."""
     if model is None or mode == "static" or spec.smooth_factor == 0:
         return static_plan(prompt_len, spec, history)
     if mode == "equal_time":
@@ -306,18 +314,70 @@ def default_plan(model: HistoryLatencyModel | None, prompt_len: int, spec: PlanS
     p1 = spec.num_stages - 1
     rule = Rule(model, spec, 0.0)
     _, work, top = rule.static_terms(prompt_len, history)
-    cands = [_pipeline_search(model, prompt_len, spec, history),  # with the equal-time plan
+    cands = [(static_plan(prompt_len, spec, history), work + p1 * top)]
+    path = ramp_applies(model, prompt_len, spec, history, work)
+    if path == "ramp":
+        plan, obj, _ = ramp_plan(model, prompt_len, spec, history)
+        if plan:
+            cands.append((plan, obj))
+        rule.target = equal_time_target(model, spec)  # never worse than equal-time
+        plan, _, tot, mx = rule.sweep(prompt_len, history)
+        cands.append((plan, tot + p1 * mx))
+    else:
+        cands.append(_pipeline_search(model, prompt_len, spec, history))  # with equal-time
+        if path == "dp":
+            cands.append(_coarse_dp(model, prompt_len, spec, history))
+    return min((c for c in cands if c[0]), key=lambda pc: (pc[1], len(pc[0])))[0]
+
+
+def ramp_applies(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
+                 history: int = 0, work: float | None = None) -> str:
+    """Which search `default_plan` runs beside the static and equal-time plans: "rule" (the
+    pipeline search) where the work telescopes (`_chunking_matters`) or sigma < 1 (the rule's
+    smoothed family is the plan asked for); "ramp" (`ramp_plan`) where it does not and the
+    limits lie on the alignment grid, unless the floor exceeds the free size
+    (`ramp.free_size`) at the prompt's end; "dp" (the pipeline search and the coarse DP,
+    15-35 ms) there and for budgets below the alignment. ``work``: the static plan's summed
+    time."""
+    if work is None:
+        work = Rule(model, spec, 0.0).static_terms(prompt_len, history)[1]
+    if spec.smooth_factor != 1 or not _chunking_matters(model, prompt_len, spec, history, work):
+        return "rule"
+    if spec.cap % spec.align or spec.floor % spec.align:
+        return "dp"
+    # A floor above the free size to the prompt's end puts every free chunk at the floor
+    # (min_chunk 4096 here: up to 17% worse than the DP at 12k tokens).
+    if spec.floor > free_size(model, history + prompt_len):
+        return "dp"
+    return "ramp"
+
+
+def dp_default_plan(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
+                    history: int = 0) -> list[int]:
+    """`default_plan` ("pipeline") before issue 20: the cheapest of the pipeline search, the
+    static plan and, where chunking moves the work, a coarse DP (`optimal_plan` on <=
+    `DEFAULT_DP_POINTS` boundaries, 15-35 ms). The reference the ramp plans are compared with
+    (tests, benchmarks)."""
+    if spec.smooth_factor == 0:
+        return static_plan(prompt_len, spec, history)
+    check_prompt(prompt_len, history, spec)
+    p1 = spec.num_stages - 1
+    _, work, top = Rule(model, spec, 0.0).static_terms(prompt_len, history)
+    cands = [_pipeline_search(model, prompt_len, spec, history),
              (static_plan(prompt_len, spec, history), work + p1 * top)]
     if spec.smooth_factor == 1 and _chunking_matters(model, prompt_len, spec, history, work):
-        # Equal-time chunks are optimal for a fixed chunk count only when the work telescopes;
-        # otherwise (prefix term delta, beta != 2*alpha) a coarse DP finds the better shape.
-        try:
-            dp = optimal_plan(model, prompt_len, spec, history, max_points=DEFAULT_DP_POINTS,
-                              rel_tol=1e-3)
-            cands.append((dp, plan_cost(model, dp, spec.num_stages, history)))
-        except ValueError:
-            pass  # no plan on the coarse grid fits the limits: the rule's plans remain
-    return min(cands, key=lambda pc: (pc[1], len(pc[0])))[0]
+        cands.append(_coarse_dp(model, prompt_len, spec, history))
+    return min((c for c in cands if c[0]), key=lambda pc: (pc[1], len(pc[0])))[0]
+
+
+def _coarse_dp(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
+               history: int) -> tuple[list[int], float]:
+    try:
+        dp = optimal_plan(model, prompt_len, spec, history, max_points=DEFAULT_DP_POINTS,
+                          rel_tol=1e-3)
+    except ValueError:
+        return [], math.inf  # no plan on the coarse grid fits the limits
+    return dp, plan_cost(model, dp, spec.num_stages, history)
 
 
 def _chunking_matters(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,
@@ -334,6 +394,6 @@ def _chunking_matters(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpe
 
 
 DP_WORTH = 1e-3
-"""Smallest share of a prompt's work that chunking must be able to move for `default_plan` to
-try the coarse DP (a few to tens of ms per long prompt)."""
+"""Smallest share of a prompt's work that chunking must move for `default_plan` to leave the
+pipeline search (for the ramp plans or the coarse DP)."""
 
