@@ -156,6 +156,11 @@ class QuadraticModel:
 
 
 # ---------------------------------------------------------------------------------------------
+NEGLIGIBLE_COEFF = 1e-30
+"""Coefficients below this are read as 0: no real term is that small (1e-30 s/token^2 adds
+1e-18 s to a million-token chunk), and subnormal ones overflow the planner's closed forms."""
+
+
 @dataclass(frozen=True)
 class HistoryLatencyModel:
     """t(batch) = sum_r [alpha*C^2 + beta*C*H + gamma*C + delta*H] + c   (seconds)."""
@@ -181,6 +186,9 @@ class HistoryLatencyModel:
                 f"alpha={self.alpha!r} beta={self.beta!r} gamma={self.gamma!r} "
                 f"delta={self.delta!r} c={self.c!r}"
             )
+        for name in ("alpha", "beta", "gamma", "delta", "c"):  # read negligible terms as 0
+            if getattr(self, name) < NEGLIGIBLE_COEFF:
+                object.__setattr__(self, name, 0.0)
 
     # --- constructors ---------------------------------------------------------------------
     @classmethod

@@ -304,7 +304,7 @@ def default_plan(model: HistoryLatencyModel | None, prompt_len: int, spec: PlanS
     """dcpp's plan for ``mode`` ("pipeline" | "equal_time" | "static"). "pipeline" returns the
     cheapest under the model of the static and equal-time plans and, where the work
     telescopes, the pipeline plan, otherwise the free-then-tight plan (`ramp_applies`)."""
-    if model is None or mode == "static" or spec.smooth_factor == 0:
+    if model is None or mode == "static" or spec.smooth_factor == 0 or not _costs_steps(model):
         return static_plan(prompt_len, spec, history)
     if mode == "equal_time":
         return equal_time_plan(model, prompt_len, spec, history)
@@ -328,6 +328,12 @@ def default_plan(model: HistoryLatencyModel | None, prompt_len: int, spec: PlanS
         if path == "dp":
             cands.append(_coarse_dp(model, prompt_len, spec, history))
     return min((c for c in cands if c[0]), key=lambda pc: (pc[1], len(pc[0])))[0]
+
+
+def _costs_steps(model: HistoryLatencyModel) -> bool:
+    """Whether a step at history 0 takes time under ``model`` (alpha, gamma or c > 0): without
+    it there is no step time to balance and every plan is static."""
+    return model.alpha > 0 or model.gamma > 0 or model.c > 0
 
 
 def ramp_applies(model: HistoryLatencyModel, prompt_len: int, spec: PlanSpec,

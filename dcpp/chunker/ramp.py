@@ -116,7 +116,9 @@ class RampPlan:
         disc = qb * qb - 4.0 * qa * qc
         if qa < 0 and (qb <= 0 or disc < 0):
             return math.inf  # concave: does not come back above m
-        return (-2.0 * qc) / (qb + math.sqrt(disc))
+        if qb > 0:
+            return (-2.0 * qc) / (qb + math.sqrt(disc))
+        return (math.sqrt(disc) - qb) / (2.0 * qa)  # qa > 0 here; no cancellation
 
     # --- the free chunks, once ------------------------------------------------------------
     def _free_runs(self) -> None:
@@ -136,8 +138,10 @@ class RampPlan:
             if n <= 0:
                 return
             if c < cap:  # while F(start) rounds to c: starts below free_below(c + al/2)
-                fb = self.free_below(c + half)
-                if fb < math.inf:
+                fb = self.free_below(c + half)  # +-inf where a subnormal delta overflows
+                if fb == -math.inf:
+                    n = 1
+                elif fb < math.inf:
                     n = min(n, max(1, math.ceil((fb - x) / c)))
             self.fx.append(x)
             self.fc.append(c)
@@ -220,16 +224,16 @@ class RampPlan:
             if n <= 0:
                 break
             if kap_pos:  # ... and the free size stays above c: starts >= free_below(c)
-                if d > 0:
-                    fb = (kap * c * c - hd * c - c0) / d
-                    if x_end - c < fb:
-                        break  # free no larger than tight: the free chunks take over
+                num = kap * c * c - hd * c - c0  # d * free_below(c)
+                fb = num / d if d > 0 else (math.inf if num > 0 else -math.inf)
+                if x_end - c < fb:  # (a subnormal d may also overflow to +-inf)
+                    break  # free no larger than tight: the free chunks take over
+                if math.isfinite(fb):
                     k = int((x_end - fb) // c)
                     if k < n:
                         n = k
-                elif kap * c * c > c0:
-                    break
-            if c < cap:  # ... and c + al still does not fit: ends above its latest end
+            if c < cap and y_up > -math.inf:  # ... and c + al still does not fit: ends
+                # above its latest end (-inf: c + al fits nowhere, so no bound)
                 k = math.ceil((x_end - y_up) / c)
                 if k < n:
                     n = k if k > 1 else 1

@@ -21,7 +21,7 @@ from dcpp.chunker import planner
 from dcpp.chunker import rule as rule_mod
 from dcpp.chunker.latency_model import HistoryLatencyModel
 from dcpp.chunker.planner import (PlanSpec, default_plan, dp_default_plan, plan_cost,
-                                  ramp_applies)
+                                  ramp_applies, static_plan)
 from dcpp.chunker.ramp import RampPlan
 from dcpp.chunker.ramp_search import MAX_PRICES
 
@@ -178,3 +178,33 @@ def test_ramp_plans_are_valid_and_priced_exactly(model, p, budget_units, floor_u
         cost = plan_cost(model, plan, p, h0)
         assert f == pytest.approx(cost, rel=1e-9)
     assert sum(default_plan(model, n, spec, h0)) == n
+
+
+@pytest.mark.parametrize("alpha, gamma, delta, n, h0", [
+    (3.043906775022785e-10, 7.265993466243896e-06, 0.0, 145, 28),
+    (3.043906775022785e-10, 7.265993466243896e-06, 2.2250738585e-313, 145, 28),
+    (1e-9, 1e-7, 0.0, 65, 2978),  # the case CI's hypothesis run found
+])
+def test_ramp_plans_without_history_terms(alpha, gamma, delta, n, h0):
+    """beta = 0 (no step grows with history) with delta 0 or subnormal: no chunk's latest
+    end is finite and free_below overflows; the plan still covers the prompt (found by
+    hypothesis in test_planner)."""
+    model = HistoryLatencyModel(alpha=alpha, beta=0.0, gamma=gamma, delta=delta,
+                                c=0.00390625)
+    spec = PlanSpec(max_num_batched_tokens=128, max_model_len=10_000_000, num_stages=2,
+                    min_chunk=1, page_size=1, smooth_factor=1.0)
+    plan = default_plan(model, n, spec, h0)
+    assert sum(plan) == n and all(0 < c <= 128 for c in plan)
+
+
+@pytest.mark.parametrize("beta, delta, n, h0", [
+    (0.0, 1.4657272602194047e-05, 2, 2978),  # only prefix work: every step's target is 0
+    (1.664683188479104e-07, 0.0, 2, 0),  # a whole prompt at history 0 costs 0 s
+])
+def test_models_without_a_step_cost_plan_static(beta, delta, n, h0):
+    """alpha = gamma = c = 0: a step at history 0 takes no time, so there is nothing to
+    balance; the plan is the static one (found by fuzzing default_plan)."""
+    model = HistoryLatencyModel(alpha=0.0, beta=beta, gamma=0.0, delta=delta, c=0.0)
+    spec = PlanSpec(max_num_batched_tokens=128, max_model_len=10_000_000, num_stages=1,
+                    min_chunk=1, page_size=1, smooth_factor=1.0)
+    assert default_plan(model, n, spec, h0) == static_plan(n, spec, h0)
