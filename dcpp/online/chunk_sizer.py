@@ -15,14 +15,22 @@ a prefill sized after others gets the largest chunk that keeps the step's predic
 within that (closed form), but at least `min(remaining, floor, offered)` tokens, unless an
 encoder input or Mamba's block alignment then cuts it shorter (`size` has the bounds).
 
-Under load dcpp stands aside. Smaller chunks pay off only in the pipeline's fill and drain:
-when a prefill's last chunk leaves stage 0, the other P-1 stages still work on it for
-(P-1) x its stage time, and stage 0 idles unless other prefill work is queued. So a "pipeline"
-request takes vLLM's own chunk whenever the other requests' pending prefill work (running
-prefills' rest and waiting prompts, in model seconds) covers that drain,
-``other >= (P-1) * t(last chunk)``; it is planned (once) only when it would otherwise drain
-the pipeline. Decodes are not counted (their steps barely fill a stage). "equal_time" requests
-and "static" requests never stand aside (vllm-ascend's rule and fixed chunks, kept as they
+The step's prefill room is shared by water-filling (the step policy). Each step the pending
+prefills (running prefills' rest, waiting prompts; decodes are already out of the room) get
+``x_i = min(n_i, L)`` tokens, the level L filling the room R: ``sum_i min(n_i, L) = R`` (no L
+if all fit: everyone whole). For the step's tokens, which vLLM's budget fixes, this split
+minimises the step's predicted time: the model's only term that depends on how the tokens are
+split among requests is the convex ``alpha * x_i^2`` (the linear terms are paid for each token
+whenever it runs), and sum_i x_i^2 under sum_i x_i = R, x_i <= n_i is least at the equal split.
+It also keeps a long prefill from taking the whole step: a request needing less than L runs
+whole, in this step. So a "pipeline" request takes ``min(offered, L)`` (aligned, at least the
+floor) whenever the other requests' pending prefill work covers its drain: after a prefill's
+last chunk leaves stage 0, the other P-1 stages still work on it for (P-1) x its stage time,
+and stage 0 idles unless other work is queued, ``other >= (P-1) * t(last chunk)`` (model
+seconds). Otherwise (a lone long prompt, the last of a burst, or P = 1) it follows its plan,
+made once, and still takes at most L. With no other pending prefill, L is the room: the plan
+alone, as before. vLLM's admission order is never changed: L only lowers a chunk. "equal_time"
+and "static" requests keep their plans (vllm-ascend's rule and fixed chunks, kept as they
 are for comparison).
 
 A "pipeline" request whose plan provably starts with a budget-sized chunk (`opens_full`, which
@@ -34,6 +42,8 @@ as if the plan had been made first: the same chunks, one step later.
 from __future__ import annotations
 
 import dataclasses
+import heapq
+import math
 from typing import Callable, Iterable, Protocol
 
 from dcpp.config import PLAN_MODES  # noqa: F401 - the modes a request may pick, re-exported
@@ -92,8 +102,26 @@ class Ask:
 #: Pending prefills of the engine: (request id, tokens left to prefill, history) each.
 Pending = Callable[[], Iterable[tuple[str, int, int]]]
 
-#: The mode that stands aside under load (see the module docstring).
+#: The mode that takes its water-filled share of the step under load (module docstring).
 LOAD_AWARE_MODE = "pipeline"
+
+
+def water_level(needs: Iterable[int], room: int) -> float:
+    """The level L with ``sum_i min(n_i, L) == room`` (tokens); ``inf`` when all needs fit in
+    the room together. needs: tokens each request still needs."""
+    ordered = sorted(needs)
+    return _level_of_sorted(ordered, len(ordered), room)
+
+
+def _level_of_sorted(ascending: Iterable[int], count: int, room: float) -> float:
+    """`water_level` of `count` needs given in ascending order; reads only as far as the
+    first need the room cannot lift to (needs below the level are taken whole)."""
+    left = float(room)
+    for i, need in enumerate(ascending):
+        if need * (count - i) > left:
+            return left / (count - i)
+        left -= need
+    return math.inf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +135,7 @@ class _Grant:
 class _Step:
     """One step's prefill room and time: only what the engine committed to counts."""
 
-    __slots__ = ("room", "pending", "granted", "proposed", "_work")
+    __slots__ = ("room", "pending", "granted", "proposed", "_work", "_left", "_ascending")
 
     def __init__(self, room: int, pending: Pending | None) -> None:
         self.room = room
@@ -118,6 +146,10 @@ class _Step:
         self.proposed: dict[str, float | None] = {}
         """Request -> its planned chunk's time, from `size` until `commit`."""
         self._work: tuple[float, dict[str, float]] | None = None
+        self._left: dict[str, tuple[int, int]] | None = None
+        """Request -> (tokens left, history) of the pending prefills, read once."""
+        self._ascending: list[tuple[int, str]] | None = None
+        """The pending prefills' (tokens left, request), ascending, made once."""
 
     @property
     def prefill_room(self) -> int:
@@ -136,16 +168,36 @@ class _Step:
         return (sum(float(model.predict_time(g.tokens, g.history))
                     for g in self.granted.values()) - model.c * (len(self.granted) - 1))
 
-    def pending_work(self, model: LatencyModel) -> tuple[float, dict[str, float]]:
-        """(total, per request) predicted seconds of the engine's pending prefill work, read
-        once per step and only if a request asks."""
-        if self._work is None:
-            per: dict[str, float] = {}
+    def pending_left(self) -> dict[str, tuple[int, int]]:
+        """Request -> (tokens it still had to prefill when the step began, history): the
+        engine's pending prefills, read once per step and only if a request asks."""
+        if self._left is None:
+            self._left = {}
             for rid, left, history in (self.pending() if self.pending is not None else ()):
                 if left > 0:
-                    per[rid] = float(model.predict_time(left, history))
+                    self._left[rid] = (int(left), int(history))
+        return self._left
+
+    def pending_work(self, model: LatencyModel) -> tuple[float, dict[str, float]]:
+        """(total, per request) predicted seconds of the engine's pending prefill work."""
+        if self._work is None:
+            per = {rid: float(model.predict_time(left, history))
+                   for rid, (left, history) in self.pending_left().items()}
             self._work = (sum(per.values()), per)
         return self._work
+
+    def level(self, request_id: str, need: int) -> float:
+        """The water level of the room still free (`water_level`) over this request (`need`
+        tokens) and the pending prefills not yet granted in this step. The pending needs are
+        sorted once per step; each ask merges its own need in (O(pending) at most)."""
+        left = self.pending_left()
+        if self._ascending is None:
+            self._ascending = sorted((n, rid) for rid, (n, _) in left.items())
+        gone = sum(1 for rid in self.granted if rid in left and rid != request_id)
+        count = len(left) - gone - (request_id in left) + 1
+        others = (n for n, rid in self._ascending
+                  if rid != request_id and rid not in self.granted)
+        return _level_of_sorted(heapq.merge(others, (need,)), count, self.prefill_room)
 
 
 class ChunkSizer:
@@ -163,9 +215,10 @@ class ChunkSizer:
         self.num_deferred = 0
         """Plans put off to a request's second step."""
         self.num_stages = int(num_stages)
-        """Pipeline stages P; with P = 1 there is no drain and dcpp never stands aside."""
-        self.num_stood_aside = 0
-        """Chunks a "pipeline" request took at vLLM's size because other work fed the pipeline."""
+        """Pipeline stages P; with P = 1 there is no drain and plans always apply."""
+        self.num_shared = 0
+        """Chunks a "pipeline" request took at its share of the step (the water level, no
+        plan) because other pending work fed the pipeline."""
         self.floor = int(floor)
         """Smallest chunk dcpp sizes a non-final chunk to (min_chunk aligned, <= budget)."""
         self.align = int(align)
@@ -194,8 +247,9 @@ class ChunkSizer:
         """Tokens `ask.request_id` should take this step, always in [1, offered]. `offered`
         itself with no step begun or at most one token offered or left; min(fixed, offered),
         then the boundary cuts, for a fixed chunk size (model or not); else `offered` with no
-        model, for "off" and when standing aside. A planned request (also one whose plan is
-        put off a step: vLLM's offer is its first chunk) gets at least min(remaining, floor,
+        model, and for "off". A "pipeline" request takes at most its water-filled share of the
+        step (`_Step.level`), without a plan while other work feeds the pipeline. A planned
+        request (also one whose plan is put off a step: vLLM's offer is its first chunk) gets at least min(remaining, floor,
         offered) before the boundary cuts (an encoder input that does not fit whole, Mamba's
         block alignment), which may end the chunk below that. Counts nothing until `commit`."""
         offered = ask.offered
@@ -208,13 +262,19 @@ class ChunkSizer:
             return self._respect_boundaries(ask, max(1, min(ask.fixed, offered)))
         if model is None or ask.mode == PLAN_OFF:
             return offered
-        if ask.mode == LOAD_AWARE_MODE and self.pipeline_fed(ask, model):
-            self.num_stood_aside += 1
-            return offered
+        share = offered
+        if ask.mode == LOAD_AWARE_MODE:
+            level = step.level(ask.request_id, remaining)
+            if level < min(remaining, step.prefill_room):  # others take part of the room
+                share = self._aligned(max(int(level), 1))
+            if self.pipeline_fed(ask, model):
+                self.num_shared += 1
+                want = max(min(share, offered), min(remaining, self.floor, offered), 1)
+                return self._respect_boundaries(ask, want)
         plan = self._plan_for(ask)
         # A plan put off a step starts with the budget: vLLM's offer is its first chunk.
         first = plan.chunks[0] if plan is not None else offered
-        want = min(first, offered, max(step.prefill_room, 1))
+        want = min(first, offered, max(step.prefill_room, 1), share)
         own_s = float(model.predict_time(first, ask.history))
         step.proposed[ask.request_id] = own_s
         target = own_s if step.target_s is None else max(step.target_s, own_s)
@@ -223,7 +283,7 @@ class ChunkSizer:
             # Room left in the step's time: t(batch + [(x, h)]) = batch_s + t(x, h) - c.
             fit = model.solve_chunk(target - batch_s + model.c, ask.history)
             if fit < want:
-                want = int(fit) - int(fit) % self.align if fit >= self.align else int(fit)
+                want = self._aligned(int(fit))
         want = max(want, min(remaining, self.floor, offered), 1)
         return self._respect_boundaries(ask, min(want, offered))
 
@@ -253,6 +313,10 @@ class ChunkSizer:
         drain = (self.num_stages - 1) * float(model.predict_time(last, ask.total - last))
         total, per = self._step.pending_work(model)
         return total - per.get(ask.request_id, 0.0) >= drain
+
+    def _aligned(self, tokens: int) -> int:
+        """`tokens` down to a multiple of the alignment (kept as is below one)."""
+        return tokens - tokens % self.align if tokens >= self.align else tokens
 
     @staticmethod
     def _respect_boundaries(ask: Ask, want: int) -> int:

@@ -6,7 +6,7 @@ import pytest
 
 from dcpp.chunker.latency_model import HistoryLatencyModel
 from dcpp.chunker.planning_model import PlanningModel
-from dcpp.online.chunk_sizer import PLAN_OFF, Ask, ChunkSizer
+from dcpp.online.chunk_sizer import PLAN_OFF, Ask, ChunkSizer, water_level
 from dcpp.online.requests import RequestTable
 
 # 2 ms per step, 1 us per token, attention 4e-9 per token pair.
@@ -223,10 +223,52 @@ def test_never_zero_never_above_offered(offered):
     assert 1 <= got <= offered and got >= min(offered, 1024)
 
 
-def test_a_pipeline_request_stands_aside_while_other_work_covers_its_drain():
+def test_water_level_fills_the_room_with_equal_shares_and_short_needs_whole():
+    """sum_i min(n_i, L) == room, by hand."""
+    assert water_level([16000, 300, 300, 500], 4096) == 4096 - 1100  # shorts whole
+    assert water_level([10000] * 4, 4096) == 1024
+    assert water_level([1000, 3000, 5000], 6000) == 2500  # 1000 + 2500 + 2500
+    assert water_level([500] * 16 + [16000], 2048) == pytest.approx(2048 / 17)
+    assert water_level([100, 200], 4096) == float("inf")  # all fit: everyone whole
+    assert water_level([], 10) == float("inf")
+    assert water_level([5000], 4096) == 4096
+
+
+def test_under_load_a_long_prefill_takes_its_share_and_short_ones_run_whole():
+    """Two long prompts and a short one, room 4096, P = 2: the other work covers each long
+    prompt's drain, so each takes the water level of the room still free (aligned to 64), no
+    plan; the short one runs whole in the same step."""
+    s = new_sizer(CountingPlanner(512), floor=128, align=64, num_stages=2)
+    pending = [("a", 16000, 0), ("b", 16000, 0), ("s", 300, 0)]
+    s.begin_step(4096, lambda: pending)
+    assert take(s, ask("a", 16000)) == 1856  # (4096 - 300) / 2 = 1898 -> 1856
+    # Room 2240 left for b and s: (2240 - 300) / 1 = 1940 -> 1920.
+    assert take(s, ask("b", 16000, offered=2240)) == 1920
+    assert take(s, ask("s", 300, offered=320)) == 300
+    assert s.num_shared == 3 and s.num_plans == 0
+
+
+def test_a_planned_prefill_takes_at_most_its_share_beside_a_short_one():
+    """A long prompt whose plan opens with 4096 tokens and a 1000-token request waiting: the
+    short work does not cover the long one's drain, so the long one keeps its plan, capped at
+    the level (4096 - 1000 -> 3072); the short one then fits whole; alone it takes its plan."""
+    s = new_sizer(CountingPlanner(4096), floor=128, align=64, num_stages=2)
+    pending = [("long", 16000, 0), ("s", 1000, 0)]
+    s.begin_step(4096, lambda: pending)
+    assert take(s, ask("long", 16000)) == 3072
+    assert take(s, ask("s", 1000, offered=1024)) == 1000
+    assert s.num_shared == 1 and s.num_plans == 1  # the long work covers the short's drain
+    s.advance("long", 0, 3072)  # what the runtime does with the step's output
+    s.begin_step(4096, lambda: [("long", 16000 - 3072, 3072)])
+    assert take(s, ask("long", 16000, history=3072)) == 1024  # the plan's cut chunk's rest
+    assert s.num_plans == 1
+
+
+def test_a_pipeline_request_takes_its_share_while_other_work_covers_its_drain():
     """With P stages a prefill's last chunk keeps stages 1..P-1 busy for (P-1) x its time
     after stage 0 is done; other pending prefill work at least that long keeps stage 0 busy,
-    so the request takes vLLM's chunk (no plan). Hand oracle on the model's times."""
+    so the request takes its share of the step (here all of vLLM's offer: both fit) and is not
+    planned. Hand oracle on the model's times."""
     for p in (2, 4):
         s = new_sizer(CountingPlanner(512), floor=128, align=64, num_stages=p)
         last = 2048  # the request's last chunk at vLLM's size, ending at 6000
@@ -243,18 +285,18 @@ def test_a_pipeline_request_stands_aside_while_other_work_covers_its_drain():
             s.requests.free(None)
 
 
-def test_equal_time_and_single_stage_never_stand_aside():
+def test_equal_time_keeps_its_plan_and_a_single_stage_plans_always():
     s, planner = sizer()
     pending = [("a", 6000, 0), ("b", 50_000, 0)]  # plenty of other work
     s.begin_step(8192, lambda: pending)
     assert take(s, ask("a", 6000, offered=2048, mode="equal_time")) == 512
-    assert s.num_stood_aside == 0  # `sizer()` builds a 1-stage sizer: no drain to cover
+    assert s.num_shared == 0  # `sizer()` builds a 1-stage sizer: no drain to cover
     s.begin_step(8192, lambda: pending)
     assert take(s, ask("c", 6000, offered=2048)) == 512
     s4 = new_sizer(planner, floor=128, align=64, num_stages=4)
     s4.begin_step(8192, lambda: pending)
     assert take(s4, ask("a", 6000, offered=2048, mode="equal_time")) == 512
-    assert take(s4, ask("d", 6000, offered=2048)) == 2048 and s4.num_stood_aside == 1
+    assert take(s4, ask("d", 6000, offered=2048)) == 2048 and s4.num_shared == 1
 
 
 def test_pending_work_is_read_once_per_step_and_only_when_asked():
