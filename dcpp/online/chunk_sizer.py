@@ -113,14 +113,24 @@ def water_level(needs: Iterable[int], room: int) -> float:
     return _level_of_sorted(ordered, len(ordered), room)
 
 
-def _level_of_sorted(ascending: Iterable[int], count: int, room: float) -> float:
-    """`water_level` of `count` needs given in ascending order; reads only as far as the
-    first need the room cannot lift to (needs below the level are taken whole)."""
+def _level_of_sorted(ascending: Iterable[int | tuple[int, bool]], count: int,
+                     room: float) -> float:
+    """`water_level` of needs given in ascending order, `count` of them required; reads only
+    as far as the first need the room cannot lift to (needs below the level are taken
+    whole). A need given as (tokens, True) is optional: it counts only where it runs whole
+    beside the required needs still to come (each of which needs at least as much), and is
+    left out (no share) otherwise."""
     left = float(room)
-    for i, need in enumerate(ascending):
-        if need * (count - i) > left:
-            return left / (count - i)
-        left -= need
+    for need in ascending:
+        tokens, optional = need if isinstance(need, tuple) else (need, False)
+        if optional:
+            if tokens * (count + 1) <= left:
+                left -= tokens
+        elif tokens * count > left:
+            return left / count
+        else:
+            left -= tokens
+            count -= 1
     return math.inf
 
 
@@ -148,8 +158,8 @@ class _Step:
         self._work: tuple[float, dict[str, float]] | None = None
         self._left: dict[str, tuple[int, int]] | None = None
         """Request -> (tokens left, history) of the pending prefills, read once."""
-        self._ascending: list[tuple[int, str]] | None = None
-        """The pending prefills' (tokens left, request), ascending, made once."""
+        self._ascending: list[tuple[int, bool, str]] | None = None
+        """The pending prefills' (tokens left, not started, request), ascending, made once."""
 
     @property
     def prefill_room(self) -> int:
@@ -188,16 +198,19 @@ class _Step:
 
     def level(self, request_id: str, need: int) -> float:
         """The water level of the room still free (`water_level`) over this request (`need`
-        tokens) and the pending prefills not yet granted in this step. The pending needs are
-        sorted once per step; each ask merges its own need in (O(pending) at most)."""
+        tokens) and the pending prefills not yet granted in this step. A prefill that has not
+        started (history 0: its prefix-cache hit is unknown, and it may share the prefix a
+        running prefill is computing) counts only where it runs whole (below the level); a
+        share for it could recompute that prefix. The pending needs are sorted once per step;
+        each ask merges its own need in (O(pending))."""
         left = self.pending_left()
         if self._ascending is None:
-            self._ascending = sorted((n, rid) for rid, (n, _) in left.items())
-        gone = sum(1 for rid in self.granted if rid in left and rid != request_id)
-        count = len(left) - gone - (request_id in left) + 1
-        others = (n for n, rid in self._ascending
-                  if rid != request_id and rid not in self.granted)
-        return _level_of_sorted(heapq.merge(others, (need,)), count, self.prefill_room)
+            self._ascending = sorted((n, h == 0, rid) for rid, (n, h) in left.items())
+        others = [(n, fresh) for n, fresh, rid in self._ascending
+                  if rid != request_id and rid not in self.granted]
+        required = 1 + sum(1 for _, fresh in others if not fresh)
+        return _level_of_sorted(heapq.merge(others, ((need, False),)), required,
+                                self.prefill_room)
 
 
 class ChunkSizer:

@@ -235,17 +235,27 @@ def test_water_level_fills_the_room_with_equal_shares_and_short_needs_whole():
 
 
 def test_under_load_a_long_prefill_takes_its_share_and_short_ones_run_whole():
-    """Two long prompts and a short one, room 4096, P = 2: the other work covers each long
-    prompt's drain, so each takes the water level of the room still free (aligned to 64), no
-    plan; the short one runs whole in the same step."""
+    """Two running long prompts and a waiting short one, room 4096, P = 2: the other work
+    covers each long prompt's drain, so each takes the water level of the room still free
+    (aligned to 64), no plan; the short one runs whole in the same step."""
     s = new_sizer(CountingPlanner(512), floor=128, align=64, num_stages=2)
-    pending = [("a", 16000, 0), ("b", 16000, 0), ("s", 300, 0)]
+    pending = [("a", 16000, 1000), ("b", 16000, 1000), ("s", 300, 0)]
     s.begin_step(4096, lambda: pending)
-    assert take(s, ask("a", 16000)) == 1856  # (4096 - 300) / 2 = 1898 -> 1856
+    assert take(s, ask("a", 17000, 1000)) == 1856  # (4096 - 300) / 2 = 1898 -> 1856
     # Room 2240 left for b and s: (2240 - 300) / 1 = 1940 -> 1920.
-    assert take(s, ask("b", 16000, offered=2240)) == 1920
+    assert take(s, ask("b", 17000, 1000, offered=2240)) == 1920
     assert take(s, ask("s", 300, offered=320)) == 300
     assert s.num_shared == 3 and s.num_plans == 0
+
+
+def test_a_waiting_long_prompt_takes_no_share_from_a_running_one():
+    """A prompt not started yet (history 0: its prefix-cache hit is unknown, it may share the
+    running one's prefix) counts only where it would run whole: here it would not, so the
+    running prompt keeps vLLM's whole offer (the waiting one's work still covers its drain)."""
+    s = new_sizer(CountingPlanner(512), floor=128, align=64, num_stages=2)
+    s.begin_step(4096, lambda: [("a", 10000, 2000), ("w", 9000, 0)])
+    assert take(s, ask("a", 12000, 2000)) == 4096 and s.num_shared == 1
+    assert water_level([10000, 9000], 4096) == 2048  # the level had it counted
 
 
 def test_a_planned_prefill_takes_at_most_its_share_beside_a_short_one():
