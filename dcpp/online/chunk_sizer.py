@@ -18,7 +18,8 @@ encoder input or Mamba's block alignment then cuts it shorter (`size` has the bo
 The step's prefill room is shared by water-filling (the step policy). Each step the pending
 prefills (running prefills' rest, waiting prompts; decodes are already out of the room) get
 ``x_i = min(n_i, L)`` tokens, the level L filling the room R: ``sum_i min(n_i, L) = R`` (no L
-if all fit: everyone whole). For the step's tokens, which vLLM's budget fixes, this split
+if all fit: everyone whole; a prefill not started yet counts only where it runs whole, see
+`_Step.level`). For the step's tokens, which vLLM's budget fixes, this split
 minimises the step's predicted time: the model's only term that depends on how the tokens are
 split among requests is the convex ``alpha * x_i^2`` (the linear terms are paid for each token
 whenever it runs), and sum_i x_i^2 under sum_i x_i = R, x_i <= n_i is least at the equal split.
