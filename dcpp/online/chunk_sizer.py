@@ -111,19 +111,17 @@ def water_level(needs: Iterable[int], room: int) -> float:
     """The level L with ``sum_i min(n_i, L) == room`` (tokens); ``inf`` when all needs fit in
     the room together. needs: tokens each request still needs."""
     ordered = sorted(needs)
-    return _level_of_sorted(ordered, len(ordered), room)
+    return _level_of_sorted(((n, False) for n in ordered), len(ordered), room)
 
 
-def _level_of_sorted(ascending: Iterable[int | tuple[int, bool]], count: int,
-                     room: float) -> float:
-    """`water_level` of needs given in ascending order, `count` of them required; reads only
-    as far as the first need the room cannot lift to (needs below the level are taken
-    whole). A need given as (tokens, True) is optional: it counts only where it runs whole
-    beside the required needs still to come (each of which needs at least as much), and is
-    left out (no share) otherwise."""
+def _level_of_sorted(ascending: Iterable[tuple[int, bool]], count: int, room: float) -> float:
+    """`water_level` of (tokens, optional) needs in ascending order, `count` of them required;
+    reads only as far as the first need the room cannot lift to (needs below the level are
+    taken whole). An optional need counts only where it runs whole beside the required needs
+    still to come (each of which needs at least as much), and is left out (no share)
+    otherwise."""
     left = float(room)
-    for need in ascending:
-        tokens, optional = need if isinstance(need, tuple) else (need, False)
+    for tokens, optional in ascending:
         if optional:
             if tokens * (count + 1) <= left:
                 left -= tokens
@@ -263,9 +261,10 @@ class ChunkSizer:
         then the boundary cuts, for a fixed chunk size (model or not); else `offered` with no
         model, and for "off". A "pipeline" request takes at most its water-filled share of the
         step (`_Step.level`), without a plan while other work feeds the pipeline. A planned
-        request (also one whose plan is put off a step: vLLM's offer is its first chunk) gets at least min(remaining, floor,
-        offered) before the boundary cuts (an encoder input that does not fit whole, Mamba's
-        block alignment), which may end the chunk below that. Counts nothing until `commit`."""
+        request (also one whose plan is put off a step: vLLM's offer is its first chunk) gets
+        at least min(remaining, floor, offered) before the boundary cuts (an encoder input
+        that does not fit whole, Mamba's block alignment), which may end the chunk below that.
+        Counts nothing until `commit`."""
         offered = ask.offered
         remaining = ask.total - ask.history
         step, model = self._step, self.model
