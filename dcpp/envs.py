@@ -11,6 +11,8 @@ one line instead of later as an EngineCore traceback.
 - ``DCPP_PROFILE_REPEATS``: timed runs per profiling pass (`profile_repeats`).
 - ``DCPP_BUBBLE_SAMPLE_EVERY``: measure the bubbles of 1 prefill in N (`bubble_sample_every`).
 - ``DCPP_METRICS_HOST``: address of dcpp's metrics endpoint (`metrics_host`).
+- ``DCPP_NIXL_PROGRESS_THREAD``: 0 starts vLLM's NIXL agents without NIXL's progress thread
+  (`nixl_progress_thread`).
 """
 
 from __future__ import annotations
@@ -114,12 +116,28 @@ def cache_dir() -> Path:
     return path
 
 
+def nixl_progress_thread() -> bool:
+    """DCPP_NIXL_PROGRESS_THREAD: 1 (the default) leaves vLLM's NIXL agents as vLLM makes them,
+    each with NIXL's progress thread, which polls its transport without pause (about half a core
+    per agent, measured on a 2-core host); 0 makes them without it, so that the transport moves
+    only when vLLM's connector asks for its transfers and notifications (for hosts where the
+    model runs on the same few cores, e.g. the CPU build)."""
+    name = "DCPP_NIXL_PROGRESS_THREAD"
+    raw = _raw(name)
+    if raw is None:
+        return True
+    if raw.strip() not in ("0", "1"):
+        raise _bad(name, raw, "0 (no NIXL progress thread) or 1 (NIXL's default)")
+    return raw.strip() == "1"
+
+
 VARIABLES: dict[str, Callable[[], Any]] = {
     "DCPP_CACHE_DIR": cache_dir,
     "DCPP_PROFILE_TIMEOUT_S": profile_timeout_s,
     "DCPP_PROFILE_REPEATS": profile_repeats,
     "DCPP_BUBBLE_SAMPLE_EVERY": bubble_sample_every,
     "DCPP_METRICS_HOST": metrics_host,
+    "DCPP_NIXL_PROGRESS_THREAD": nixl_progress_thread,
 }
 """Every dcpp environment variable and the function that parses and checks it."""
 

@@ -38,6 +38,8 @@ BAD = [
     ("DCPP_BUBBLE_SAMPLE_EVERY", lambda tmp: "0.5", "an integer in [0, 1073741824]"),
     ("DCPP_METRICS_HOST", lambda tmp: "my host", "without spaces"),
     ("DCPP_METRICS_HOST", lambda tmp: " 127.0.0.1", "without spaces"),
+    ("DCPP_NIXL_PROGRESS_THREAD", lambda tmp: "off", "0 (no NIXL progress thread) or 1"),
+    ("DCPP_NIXL_PROGRESS_THREAD", lambda tmp: "2", "0 (no NIXL progress thread) or 1"),
     ("VLLM_ENGINE_READY_TIMEOUT_S", lambda tmp: "nan", "a number in (0, inf]"),
 ]
 
@@ -74,7 +76,8 @@ def test_defaults_and_good_values(monkeypatch, tmp_path):
     assert envs.check_all() == {
         "DCPP_CACHE_DIR": Path("~/.cache/dcpp/profiles").expanduser(),
         "DCPP_PROFILE_TIMEOUT_S": 200.0, "DCPP_PROFILE_REPEATS": 2,
-        "DCPP_BUBBLE_SAMPLE_EVERY": 0, "DCPP_METRICS_HOST": "127.0.0.1"}
+        "DCPP_BUBBLE_SAMPLE_EVERY": 0, "DCPP_METRICS_HOST": "127.0.0.1",
+        "DCPP_NIXL_PROGRESS_THREAD": True}
     for name in envs.VARIABLES:  # empty or blank: the default
         monkeypatch.setenv(name, "  ")
     assert envs.check_all()["DCPP_METRICS_HOST"] == "127.0.0.1"
@@ -82,7 +85,9 @@ def test_defaults_and_good_values(monkeypatch, tmp_path):
     monkeypatch.setenv("DCPP_CACHE_DIR", str(tmp_path / "not" / "yet"))  # created on save
     monkeypatch.setenv("DCPP_METRICS_HOST", "0.0.0.0")
     monkeypatch.setenv("DCPP_BUBBLE_SAMPLE_EVERY", "4")
+    monkeypatch.setenv("DCPP_NIXL_PROGRESS_THREAD", " 0")
     values = envs.check_all()
+    assert values["DCPP_NIXL_PROGRESS_THREAD"] is False
     assert values["DCPP_CACHE_DIR"] == tmp_path / "not" / "yet"
     assert values["DCPP_METRICS_HOST"] == "0.0.0.0" and values["DCPP_BUBBLE_SAMPLE_EVERY"] == 4
     assert not (tmp_path / "not").exists()  # checking creates nothing

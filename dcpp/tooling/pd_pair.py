@@ -11,7 +11,9 @@ PP=1 consumer: D's handshake compares its own KV layer count with the producer's
 count and fails ("Number of KV layers must match between prefill and decode", which kills
 D's engine), measured here; the push connector writes each of P's PP ranks into D's blocks
 (D waits for ``pp_size`` notifications). Each server gets its own NIXL side-channel port
-(``VLLM_NIXL_SIDE_CHANNEL_PORT``); UCX runs over TCP, shared memory and self on loopback.
+(``VLLM_NIXL_SIDE_CHANNEL_PORT``); UCX runs over TCP, shared memory and self on loopback;
+NIXL's agents run without their progress thread (``DCPP_NIXL_PROGRESS_THREAD=0``, unless the
+caller's environment sets it).
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ def server_env(*, side_channel_port: int, cores: str, base: dict | None = None) 
                VLLM_CPU_OMP_THREADS_BIND=cores, UCX_TLS=env.get("UCX_TLS", UCX_TLS))
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")
+    # NIXL's progress thread polls without pause; three agents (P's two ranks, D) on the cores
+    # the model runs on made P about 3x slower here. vLLM's connector drives the transfers.
+    env.setdefault("DCPP_NIXL_PROGRESS_THREAD", "0")
     return env
 
 

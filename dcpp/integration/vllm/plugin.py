@@ -6,7 +6,9 @@ wraps the platform's `check_and_update_config` hook; the wrapper does nothing un
 `scheduler_config`). With the block present and enabled it validates the config against the
 engine (failing at start-up with a message that names the fix) and switches `scheduler_cls` to
 dcpp's scheduler and `worker_extension_cls` to dcpp's worker extension. dcpp's environment
-variables are checked there too (`dcpp.envs.check_all`).
+variables are checked there too (`dcpp.envs.check_all`). One thing happens at `register()`
+itself, and only when asked for: ``DCPP_NIXL_PROGRESS_THREAD=0`` starts vLLM's NIXL agents
+without NIXL's progress thread (`_nixl_progress_thread_setting`).
 
 Which scheduler wins:
 - `--scheduler-cls` naming dcpp's scheduler: used (sync or async variant as vLLM requires).
@@ -37,6 +39,22 @@ def register() -> None:
     except ImportError:  # pragma: no cover - vLLM not installed
         return
     vllm_compat.wrap_platform_config_hook(configure_engine)
+    _nixl_progress_thread_setting()
+
+
+def _nixl_progress_thread_setting() -> None:
+    """``DCPP_NIXL_PROGRESS_THREAD=0``: vLLM's NIXL agents in this process start without
+    NIXL's progress thread (a decode server without dcpp's block gets it too: the plugin loads
+    in every vLLM process). A bad value raises here (vLLM logs it) and at the config hook."""
+    from dcpp import envs
+
+    if envs.nixl_progress_thread():
+        return
+    from dcpp.integration.vllm.vllm_compat_worker import nixl_agents_without_progress_thread
+
+    why_not = nixl_agents_without_progress_thread()
+    if why_not is not None:
+        logger.warning("dcpp: DCPP_NIXL_PROGRESS_THREAD=0 has no effect: %s", why_not)
 
 
 def config_block_present(additional_config: Any) -> bool:

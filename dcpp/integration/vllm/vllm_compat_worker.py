@@ -240,3 +240,33 @@ def drain_step_times(worker: Any) -> list:
     while records:
         out.append(tuple(records.popleft()))
     return out
+
+
+_NO_PROGRESS_THREAD_ATTR = "_dcpp_no_progress_thread"
+
+
+def nixl_agents_without_progress_thread() -> str | None:
+    """Make vLLM's NIXL connector build its agents' config with ``enable_prog_thread=False``
+    (vLLM 0.32 always takes NIXL's default, a progress thread polling without pause; see
+    `dcpp.envs.nixl_progress_thread`). Wraps the ``nixl_agent_config`` that
+    ``vllm...kv_connector.v1.nixl.base_worker`` calls when a worker creates its agent; call it
+    in the worker process before the connector starts (the plugin's `register`). Idempotent.
+    Returns None when done, else why it could not be (this vLLM or NIXL lacks the piece)."""
+    try:
+        from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker
+    except ImportError as exc:
+        return f"vLLM's NIXL connector does not import here ({exc})"
+    factory = getattr(base_worker, "nixl_agent_config", None)
+    if factory is None:
+        return "vLLM's NIXL connector has no nixl_agent_config here (is NIXL installed?)"
+    if getattr(factory, _NO_PROGRESS_THREAD_ATTR, False):
+        return None
+    if "enable_prog_thread" not in inspect.signature(factory).parameters:
+        return f"{factory!r} takes no enable_prog_thread argument (NIXL changed)"
+
+    def config_without_progress_thread(*args: Any, **kwargs: Any) -> Any:
+        return factory(*args, **{**kwargs, "enable_prog_thread": False})
+
+    setattr(config_without_progress_thread, _NO_PROGRESS_THREAD_ATTR, True)
+    base_worker.nixl_agent_config = config_without_progress_thread
+    return None
