@@ -54,6 +54,25 @@ def test_profiles_then_loads_from_the_cache(setup):
     assert again.source == "cache" and again.passes == 0 and again.path == first.path
 
 
+def test_an_engine_with_a_kv_connector_gets_a_profile_of_its_own(setup):
+    """A KV connector changes the step times (a NIXL producer: 1.5-1.7x slower here), so its
+    engine profiles again instead of loading the plain engine's profile; without a connector
+    the key (and the cached file) stays what it was."""
+    vc, cfg = setup
+    plain = load(setup, FakeExecutor())
+    assert "kv_connector" not in startup_profile.cache_key(vc, cfg)
+    vc.kv_transfer_config = NS(kv_connector=None, kv_role=None)  # a config without one
+    assert load(setup, FakeExecutor()).path == plain.path
+    vc.kv_transfer_config = NS(kv_connector="NixlPushConnector", kv_role="kv_producer")
+    assert startup_profile.cache_key(vc, cfg)["kv_connector"] == "NixlPushConnector/kv_producer"
+    ex = FakeExecutor()
+    with_connector = load(setup, ex)
+    assert with_connector.source == "profiled" and ex.calls > 0
+    assert with_connector.path != plain.path
+    vc.kv_transfer_config = NS(kv_connector="NixlPushConnector", kv_role="kv_consumer")
+    assert load(setup, FakeExecutor()).path not in (plain.path, with_connector.path)
+
+
 def test_a_bug_in_the_profile_loader_propagates(setup, monkeypatch):
     from dcpp.chunker.profiler import Profile
 

@@ -40,6 +40,9 @@ def cache_key(vllm_config: Any, cfg: Any) -> dict:
     limits = vllm_compat.engine_limits(vllm_config)
     mc = vllm_config.model_config
     pc = vllm_config.parallel_config
+    connector = vllm_compat.kv_connector(vllm_config)
+    # Only with a connector: the keys (and cached files) of engines without one stay as they were.
+    extra = {} if connector is None else {"kv_connector": connector}
     return make_key(
         model=str(mc.model),
         dtype=str(mc.dtype).replace("torch.", ""),
@@ -51,6 +54,7 @@ def cache_key(vllm_config: Any, cfg: Any) -> dict:
         page_size=limits.page_size,
         num_profile_samples=int(cfg.num_profile_samples),
         vllm=vllm_compat.vllm_version(),
+        **extra,
     )
 
 
